@@ -1,0 +1,1 @@
+"""cryoprior.pipelines"""
