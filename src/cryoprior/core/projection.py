@@ -1,0 +1,238 @@
+"""Projection (Fourier central slice), back-projection (slice insertion) and image shifts.
+
+Recipe (the RELION model, see ``core.rotations``): for a volume ``V[z, y, x]`` and rotation A,
+
+1. zero-pad V to ``N = pad · d`` (centre ``d // 2`` → ``N // 2``), divide by the trilinear
+   gridding kernel ``sinc²(x / N) sinc²(y / N) sinc²(z / N)`` and take ``fft3c``;
+2. sample that transform at ``(N / d) · Aᵀ (kx, ky, 0)`` for the image frequencies ``k``
+   (Fourier pixels of the d-grid, centred) by trilinear interpolation, zero beyond ``d // 2``;
+3. ``ifft2c`` gives the projection ``I(x, y) = ∫ V(Aᵀ (x, y, z)) dz``.
+
+Back-projection is the adjoint of step 2: each image's centred transform is scattered
+trilinearly into a numerator ``B`` and its weights (CTF² when a CTF is given) into ``K``;
+``reconstruct`` returns ``ifft3c(B / K)`` cropped to ``d``. Shifts follow RELION: an observed
+particle shifted by its origin offset (``rlnOriginX/YAngst``) gives the reference projection, so
+the simulator writes ``image = shift_images(projection, -origin)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cryoprior.core.fft import fft2c, fft3c, ifft2c, ifft3c
+
+
+def _image_freqs(box: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centred image frequencies (ky, kx) in Fourier pixels and the mask |k| <= box // 2."""
+    f = torch.arange(box, device=device, dtype=dtype) - box // 2
+    ky, kx = torch.meshgrid(f, f, indexing="ij")
+    inside = (kx * kx + ky * ky) <= (box // 2) ** 2
+    return ky, kx, inside
+
+
+def slice_coordinates(rotations: torch.Tensor, box: int, pad: float = 2.0) -> torch.Tensor:
+    """3D frequency coordinates ``(pad) · Aᵀ (kx, ky, 0)`` of each image pixel, as (x, y, z).
+
+    rotations: ``(..., 3, 3)``. Returns ``(..., box, box, 3)`` in padded Fourier pixels (0 = DC).
+    """
+    ky, kx, _ = _image_freqs(box, rotations.device, rotations.dtype)
+    # v_i = sum_j A[j, i] k_j with k = (kx, ky, 0): columns of A weighted by kx and ky
+    a = rotations[..., None, None, :, :]  # (..., 1, 1, 3, 3)
+    v = a[..., 0, :] * kx[..., None] + a[..., 1, :] * ky[..., None]  # (..., box, box, 3)
+    return v * pad
+
+
+def gridding_kernel(
+    box: int, box_pad: int, ndim: int = 3, device=None, dtype=torch.float32
+) -> torch.Tensor:
+    """Real-space attenuation of trilinear interpolation on an ``box_pad`` grid, cropped to ``box``.
+
+    ``prod_i sinc²(x_i / box_pad)`` with x_i the offset from the centre. ``(box,) * ndim``.
+    """
+    r = (torch.arange(box, device=device, dtype=dtype) - box // 2) / box_pad
+    s = torch.sinc(r) ** 2
+    out = s
+    for _ in range(ndim - 1):
+        out = out[..., None] * s
+    return out
+
+
+def _pad_volume(volume: torch.Tensor, box_pad: int) -> torch.Tensor:
+    d = volume.shape[-1]
+    lo = box_pad // 2 - d // 2
+    out = volume.new_zeros((*volume.shape[:-3], box_pad, box_pad, box_pad))
+    out[..., lo : lo + d, lo : lo + d, lo : lo + d] = volume
+    return out
+
+
+def _crop_volume(volume: torch.Tensor, box: int) -> torch.Tensor:
+    n = volume.shape[-1]
+    lo = n // 2 - box // 2
+    return volume[..., lo : lo + box, lo : lo + box, lo : lo + box]
+
+
+def volume_fourier(volume: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """Prepare a volume ``(d, d, d)`` for projection: gridding-corrected, padded, ``fft3c``.
+
+    Returns the complex transform ``(pad·d, pad·d, pad·d)``; pass it to :func:`project_fourier`
+    to project many batches without repeating the 3D FFT.
+    """
+    if volume.ndim != 3 or len(set(volume.shape)) != 1:
+        raise ValueError(f"expected a cubic volume (d, d, d), got shape {tuple(volume.shape)}")
+    d = volume.shape[-1]
+    n = pad * d
+    corrected = volume / gridding_kernel(d, n, 3, volume.device, volume.dtype)
+    return fft3c(_pad_volume(corrected, n))
+
+
+def _grid_sample_complex(vol_ft: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of a complex ``(N, N, N)`` grid at coords ``(..., 3)`` (x, y, z, 0 = DC)."""
+    n = vol_ft.shape[-1]
+    batch_shape = coords.shape[:-1]
+    grid = (coords + n // 2) * (2.0 / (n - 1)) - 1.0  # align_corners=True normalisation
+    grid = grid.reshape(1, -1, 1, 1, 3).to(vol_ft.real.dtype)  # (1, M, 1, 1, 3)
+    channels = torch.stack([vol_ft.real, vol_ft.imag])[None]  # (1, 2, N, N, N)
+    out = F.grid_sample(channels, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = out[0, :, :, 0, 0]  # (2, M)
+    return torch.complex(out[0], out[1]).reshape(batch_shape)
+
+
+def project_fourier(vol_ft: torch.Tensor, rotations: torch.Tensor, box: int) -> torch.Tensor:
+    """Central slices of a prepared transform (:func:`volume_fourier`) → centred 2D transforms.
+
+    vol_ft: ``(N, N, N)`` complex; rotations: ``(..., 3, 3)``. Returns ``(..., box, box)`` complex,
+    zero beyond radius ``box // 2``.
+    """
+    n = vol_ft.shape[-1]
+    coords = slice_coordinates(rotations.to(vol_ft.real.dtype), box, n / box)
+    sl = _grid_sample_complex(vol_ft, coords)
+    _, _, inside = _image_freqs(box, vol_ft.device, vol_ft.real.dtype)
+    return sl * inside
+
+
+def project(volume: torch.Tensor, rotations: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """Project a volume ``(d, d, d)`` at rotations ``(..., 3, 3)`` → images ``(..., d, d)``.
+
+    ``I(x, y) = ∫ V(Aᵀ (x, y, z)) dz`` (RELION convention), computed by the Fourier slice theorem.
+    """
+    d = volume.shape[-1]
+    vol_ft = volume_fourier(volume, pad)
+    return ifft2c(project_fourier(vol_ft, rotations, d)).real
+
+
+def shift_images(images: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
+    """Translate images ``(..., d, d)`` by ``shifts_px`` ``(..., 2)`` = (dx, dy) pixels.
+
+    Content at (x, y) moves to (x + dx, y + dy) (periodic, sub-pixel by Fourier phase).
+    """
+    d = images.shape[-1]
+    ky, kx, _ = _image_freqs(d, images.device, images.real.dtype)
+    dx = shifts_px[..., 0, None, None].to(kx.dtype)
+    dy = shifts_px[..., 1, None, None].to(kx.dtype)
+    phase = torch.exp(-2j * torch.pi * (kx * dx + ky * dy) / d)
+    return ifft2c(fft2c(images) * phase).real
+
+
+def insert_slices(
+    slices: torch.Tensor,
+    rotations: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    pad: int = 2,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scatter centred 2D transforms into a padded 3D Fourier grid (adjoint of slicing).
+
+    slices: ``(b, d, d)`` complex (already multiplied by the CTF for a Wiener-type
+    reconstruction); rotations: ``(b, 3, 3)``; weights: ``(b, d, d)`` real (CTF², default 1).
+    Accumulates into ``out = (B, K)`` when given (in place), else into new grids.
+    Returns ``(B (N, N, N) complex, K (N, N, N) real)`` with ``N = pad · d``.
+    """
+    if slices.ndim != 3 or rotations.shape != (slices.shape[0], 3, 3):
+        raise ValueError(
+            f"expected slices (b, d, d) and rotations (b, 3, 3), got {tuple(slices.shape)} and "
+            f"{tuple(rotations.shape)}"
+        )
+    b, d, _ = slices.shape
+    n = pad * d
+    rdtype = slices.real.dtype
+    if out is None:
+        data = torch.zeros(n * n * n, dtype=slices.dtype, device=slices.device)
+        weight = torch.zeros(n * n * n, dtype=rdtype, device=slices.device)
+    else:
+        data, weight = out[0].view(-1), out[1].view(-1)
+    if weights is None:
+        weights = torch.ones(slices.shape, dtype=rdtype, device=slices.device)
+    _, _, inside = _image_freqs(d, slices.device, rdtype)
+    coords = slice_coordinates(rotations.to(rdtype), d, float(pad))[:, inside] + n // 2  # (b, m, 3)
+    vals = slices[:, inside].reshape(-1)
+    wts = weights[:, inside].reshape(-1).to(rdtype)
+    coords = coords.reshape(-1, 3)
+    base = coords.floor()
+    frac = coords - base
+    base = base.long()
+    for corner in range(8):
+        offs = [(corner >> axis) & 1 for axis in range(3)]  # (x, y, z) offsets
+        idx = base + torch.tensor(offs, device=base.device)
+        w = torch.ones_like(frac[:, 0])
+        for axis in range(3):
+            w = w * (frac[:, axis] if offs[axis] else 1 - frac[:, axis])
+        ok = ((idx >= 0) & (idx < n)).all(dim=1)
+        flat = (idx[ok, 2] * n + idx[ok, 1]) * n + idx[ok, 0]  # [z, y, x] flattened
+        data.index_add_(0, flat, (vals[ok] * w[ok]).to(data.dtype))
+        weight.index_add_(0, flat, wts[ok] * w[ok])
+    return data.view(n, n, n), weight.view(n, n, n)
+
+
+def fourier_to_volume(vol_ft: torch.Tensor, box: int, gridding_correct: bool = True) -> torch.Tensor:
+    """Padded centred 3D transform ``(N, N, N)`` → real-space volume cropped to ``(box,)*3``.
+
+    With ``gridding_correct`` the trilinear insertion kernel's real-space attenuation
+    (:func:`gridding_kernel`) is divided out, as RELION's ``griddingCorrect`` does.
+    """
+    n = vol_ft.shape[-1]
+    vol = _crop_volume(ifft3c(vol_ft).real, box)
+    if gridding_correct:
+        vol = vol / gridding_kernel(box, n, 3, vol.device, vol.dtype)
+    return vol
+
+
+def reconstruct(
+    images: torch.Tensor,
+    rotations: torch.Tensor,
+    ctf: torch.Tensor | None = None,
+    shifts_px: torch.Tensor | None = None,
+    pad: int = 2,
+    wiener_constant: float = 1e-3,
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """Direct Fourier reconstruction from images at known poses.
+
+    images ``(b, d, d)``, rotations ``(b, 3, 3)``, ctf ``(b, d, d)`` (centred layout, see
+    ``core.ctf``) or None, shifts_px ``(b, 2)``: the particle origin offsets (RELION
+    ``rlnOriginX/Y`` in pixels), undone before insertion. The volume is
+    ``ifft3c(Σ CTF·Î / (Σ CTF² + c))`` with ``c = wiener_constant · mean(K > 0)``.
+    Returns ``(d, d, d)``.
+    """
+    b, d, _ = images.shape
+    n = pad * d
+    rdtype = images.dtype
+    cdtype = torch.complex64 if rdtype == torch.float32 else torch.complex128
+    acc = (
+        torch.zeros(n, n, n, dtype=cdtype, device=images.device),
+        torch.zeros(n, n, n, dtype=rdtype, device=images.device),
+    )
+    for start in range(0, b, batch_size):
+        sl = slice(start, start + batch_size)
+        img = images[sl]
+        if shifts_px is not None:
+            img = shift_images(img, shifts_px[sl])
+        f = fft2c(img)
+        w = None
+        if ctf is not None:
+            f = f * ctf[sl]
+            w = ctf[sl] ** 2
+        insert_slices(f, rotations[sl].to(rdtype), w, pad, out=acc)
+    data, weight = acc
+    c = wiener_constant * weight[weight > 0].mean() if (weight > 0).any() else 1.0
+    return fourier_to_volume(data / (weight + c), d)
