@@ -1,0 +1,51 @@
+"""Benchmarks (JSON out): speed and memory figures as ratios against a baseline in the same run.
+
+  io        stream a particle stack through ParticleStack.chunks (images/s, peak RSS) against a
+            plain mrcfile memory map read
+  simulate  simulate particles with CTF (images/s) against the projection alone
+
+example:
+  cryoprior bench io --n 100000 --box 128 --out bench_io.json
+  cryoprior bench simulate --n 10000 --box 128 --out bench_sim.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from cryoprior.fileutil import atomic_path
+
+# bench name -> (module under cryoprior.pipelines, default kwargs, quick kwargs)
+BENCHES: dict[str, tuple[str, dict, dict]] = {
+    "io": ("bench_io", {"n": 100_000, "box": 128}, {"n": 10_000, "box": 128}),
+    "simulate": ("bench_simulate", {"n": 10_000, "box": 128}, {"n": 1_000, "box": 128}),
+}
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("which", choices=sorted(BENCHES), help="which benchmark")
+    parser.add_argument("--n", type=int, default=None, help="number of particles")
+    parser.add_argument("--box", type=int, default=None, help="image size")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--out", default=None, help="write the JSON here (default: stdout only)")
+
+
+def main(args: argparse.Namespace) -> int:
+    module_name, full, quick = BENCHES[args.which]
+    kwargs = dict(quick if args.quick else full)
+    if args.n is not None:
+        kwargs["n"] = args.n
+    if args.box is not None:
+        kwargs["box"] = args.box
+    module = importlib.import_module(f"cryoprior.pipelines.{module_name}")
+    result = {"bench": args.which, **module.run(**kwargs)}
+    text = json.dumps(result, indent=2)
+    if args.out:
+        with atomic_path(Path(args.out)) as tmp:
+            tmp.write_text(text + "\n")
+    sys.stdout.write(text + "\n")
+    return 0
