@@ -95,15 +95,17 @@ def test_relion_written_star_angles(tmp_path):
     n = 1500
     rot, tilt, psi = rng.uniform(-180, 180, n), np.degrees(np.arccos(rng.uniform(-1, 1, n))), rng.uniform(-180, 180, n)
 
-    def rz(a):
+    def rz(a):  # RELION's Rz, one matrix per angle
         c, s = np.cos(np.radians(a)), np.sin(np.radians(a))
-        m = np.zeros((len(a), 3, 3)); m[:, 0, 0] = c; m[:, 0, 1] = s; m[:, 1, 0] = -s; m[:, 1, 1] = c; m[:, 2, 2] = 1
-        return m
+        zero, one = np.zeros_like(a), np.ones_like(a)
+        return np.stack([np.stack([c, s, zero], -1), np.stack([-s, c, zero], -1),
+                         np.stack([zero, zero, one], -1)], -2)
 
     def ry(b):
         c, s = np.cos(np.radians(b)), np.sin(np.radians(b))
-        m = np.zeros((len(b), 3, 3)); m[:, 0, 0] = c; m[:, 0, 2] = -s; m[:, 2, 0] = s; m[:, 2, 2] = c; m[:, 1, 1] = 1
-        return m
+        zero, one = np.zeros_like(b), np.ones_like(b)
+        return np.stack([np.stack([c, zero, -s], -1), np.stack([zero, one, zero], -1),
+                         np.stack([s, zero, c], -1)], -2)
 
     mats = torch.from_numpy(rz(psi) @ ry(tilt) @ rz(rot)).float()
     write_mrcs(tmp_path / "stack.mrcs", project(vol, mats), 2.0)
