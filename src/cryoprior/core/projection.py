@@ -171,16 +171,16 @@ def insert_slices(
     base = coords.floor()
     frac = coords - base
     base = base.long()
-    for corner in range(8):
-        offs = [(corner >> axis) & 1 for axis in range(3)]  # (x, y, z) offsets
-        idx = base + torch.tensor(offs, device=base.device)
-        w = torch.ones_like(frac[:, 0])
-        for axis in range(3):
-            w = w * (frac[:, axis] if offs[axis] else 1 - frac[:, axis])
-        ok = ((idx >= 0) & (idx < n)).all(dim=1)
-        flat = (idx[ok, 2] * n + idx[ok, 1]) * n + idx[ok, 0]  # [z, y, x] flattened
-        data.index_add_(0, flat, (vals[ok] * w[ok]).to(data.dtype))
-        weight.index_add_(0, flat, wts[ok] * w[ok])
+    # all 8 trilinear corners at once: offsets (8, 3) in (x, y, z) order
+    offs = torch.tensor([[(c >> a) & 1 for a in range(3)] for c in range(8)], device=base.device)
+    idx = base[:, None, :] + offs  # (m, 8, 3)
+    w = torch.where(offs.bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(dim=-1)  # (m, 8)
+    ok = ((idx >= 0) & (idx < n)).all(dim=-1)
+    w = w * ok  # out-of-grid corners get zero weight; their (clamped) index is harmless
+    idx = idx.clamp(0, n - 1)
+    flat = ((idx[..., 2] * n + idx[..., 1]) * n + idx[..., 0]).reshape(-1)  # [z, y, x] flattened
+    data.index_add_(0, flat, (vals[:, None] * w).reshape(-1).to(data.dtype))
+    weight.index_add_(0, flat, (wts[:, None] * w).reshape(-1))
     return data.view(n, n, n), weight.view(n, n, n)
 
 

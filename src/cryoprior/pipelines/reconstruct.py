@@ -1,0 +1,220 @@
+"""``cryoprior reconstruct``: gold-standard MAP reconstruction of a particle STAR file.
+
+Known poses (``rlnAngleRot/Tilt/Psi``, ``rlnOriginX/YAngst``) are taken from the STAR unless
+``refine``; then the poses are searched from a start map (``start``, or ``truth`` low-passed to
+``start_lowpass_a``). Half sets come from ``rlnRandomSubset`` (alternating rows without it).
+CTFs from the RELION columns when present. The run folder (written atomically) holds
+``map.mrc``, ``half1.mrc``, ``half2.mrc``, ``fsc.json`` and ``config.yaml``.
+
+True angles, for the angular error of ``refine``, are the STAR's own angles when the STAR is a
+simulated dataset (it has the simulator's truth column ``cpCleanImageName``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryoprior.config import config_to_dict, write_run_config
+from cryoprior.core.ctf import ctf_2d
+from cryoprior.core.filters import lowpass
+from cryoprior.core.fsc import fsc, resolution_at, shell_frequencies_a
+from cryoprior.core.rotations import euler_to_matrix
+from cryoprior.errors import InputError
+from cryoprior.fileutil import atomic_dir
+from cryoprior.io.mrc import write_map
+from cryoprior.io.stack import ParticleStack
+from cryoprior.methods.red import (
+    Accumulator,
+    HalfSetResult,
+    ReconstructionConfig,
+    backproject,
+    load_prior_denoiser,
+    reconstruct_halves,
+)
+from cryoprior.methods.refine import HalfData, RefineConfig, refine
+from cryoprior.progress import bar
+from cryoprior.sim.structures import load_volume
+
+log = logging.getLogger(__name__)
+
+TRUTH_MARKER = "cpCleanImageName"
+
+
+@dataclass
+class ReconstructJob:
+    """What the command does beyond the M-step (:class:`ReconstructionConfig`) and the search
+    (:class:`RefineConfig`)."""
+
+    denoiser: str | None = field(default=None, metadata={"help": "denoiser model (default: the shipped one)"})
+    refine: bool = field(default=False, metadata={"help": "search the poses instead of using the STAR's"})
+    truth: str | None = field(default=None, metadata={"help": "true map (MRC/PDB/builtin id) for the FSC to truth"})
+    start: str | None = field(default=None, metadata={"help": "start map for --refine (default: --truth low-passed)"})
+    start_lowpass_a: float = field(default=30.0, metadata={"help": "low-pass of the start map, Å"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    chunk: int = field(default=256, metadata={"help": "particles per back-projection batch"})
+
+
+def half_sets(stack: ParticleStack) -> np.ndarray:
+    """Half-set label 1 or 2 per particle: ``rlnRandomSubset``, else alternating rows."""
+    if stack.has_column("rlnRandomSubset"):
+        subset = np.asarray(stack.column("rlnRandomSubset"), dtype=np.int64)
+        if set(np.unique(subset)) <= {1, 2} and len(np.unique(subset)) == 2:
+            return subset
+        raise InputError(f"rlnRandomSubset must hold 1 and 2, found {sorted(set(subset.tolist()))}", stack.path)
+    log.warning("%s: no rlnRandomSubset; alternating particles go to half 1 and 2", stack.path)
+    return np.arange(len(stack)) % 2 + 1
+
+
+def _poses(stack: ParticleStack, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    names = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+    missing = [c for c in names if not stack.has_column(c)]
+    if missing:
+        raise InputError(f"no poses: missing {', '.join(missing)} (use --refine)", stack.path)
+    rot, tilt, psi = (torch.as_tensor(stack.column(c)[rows].astype(np.float64)) for c in names)
+    shifts = torch.zeros(len(rows), 2, dtype=torch.float64)
+    for axis, c in enumerate(("X", "Y")):
+        if stack.has_column(f"rlnOrigin{c}Angst"):
+            shifts[:, axis] = torch.as_tensor(stack.column(f"rlnOrigin{c}Angst")[rows].astype(np.float64)) / stack.pixel_size_a
+        elif stack.has_column(f"rlnOrigin{c}"):  # RELION 3.0, pixels
+            shifts[:, axis] = torch.as_tensor(stack.column(f"rlnOrigin{c}")[rows].astype(np.float64))
+    return euler_to_matrix(rot, tilt, psi).float(), shifts.float()
+
+
+def _ctf(stack: ParticleStack, rows: np.ndarray, device) -> torch.Tensor | None:
+    if not stack.has_column("rlnDefocusU"):
+        return None
+
+    def col(name: str, default: float) -> torch.Tensor:
+        values = stack.column(name)[rows] if stack.has_column(name) else np.full(len(rows), default)
+        return torch.as_tensor(np.asarray(values, dtype=np.float64))
+
+    u = col("rlnDefocusU", 0.0)
+    v = col("rlnDefocusV", 0.0) if stack.has_column("rlnDefocusV") else u
+    return ctf_2d(
+        stack.box, stack.pixel_size_a, u, v, col("rlnDefocusAngle", 0.0), col("rlnVoltage", 300.0),
+        col("rlnSphericalAberration", 2.7), col("rlnAmplitudeContrast", 0.1), col("rlnPhaseShift", 0.0),
+        col("rlnCtfBfactor", 0.0), device=device, dtype=torch.float32,
+    )
+
+
+def _load_map(spec: str, box: int, pixel_size_a: float, device) -> torch.Tensor:
+    return load_volume(spec, box, pixel_size_a).float().to(device)
+
+
+def known_pose_accumulators(
+    stack: ParticleStack, subset: np.ndarray, pad: int = 2, device: str = "cpu", chunk: int = 256
+) -> list[Accumulator]:
+    """B and K of half 1 and half 2 at the STAR's poses (CTF and origin offsets applied)."""
+    device = torch.device(device)
+    accs = [Accumulator.zeros(stack.box, pad, device) for _ in range(2)]
+    with bar(len(stack), "reconstruct: back-projecting") as pbar:
+        for start, images in stack.chunks(chunk):
+            rows = np.arange(start, start + len(images))
+            rots, shifts = _poses(stack, rows)
+            ctf = _ctf(stack, rows, device)
+            imgs = torch.from_numpy(images).to(device)
+            for h in (1, 2):
+                sel = torch.from_numpy(np.flatnonzero(subset[rows] == h)).to(device)
+                if len(sel):
+                    c = None if ctf is None else ctf[sel]
+                    backproject(imgs[sel], rots.to(device)[sel], c, shifts.to(device)[sel], out=accs[h - 1], pad=pad)
+            pbar.update(len(images))
+    return accs
+
+
+def refine_stack(
+    stack: ParticleStack, subset: np.ndarray, start: torch.Tensor, recon: ReconstructionConfig,
+    refine_cfg: RefineConfig, denoiser=None, device: str = "cpu",
+) -> tuple[HalfSetResult, list[dict]]:
+    """Refine the poses of both halves (in memory) from ``start``; returns maps and history."""
+    device = torch.device(device)
+    has_truth = stack.has_column(TRUTH_MARKER) and stack.has_column("rlnAngleRot")
+    halves = []
+    for h in (1, 2):
+        rows = np.flatnonzero(subset == h)
+        true_rots = _poses(stack, rows)[0].to(device) if has_truth else None
+        ctf = _ctf(stack, rows, device)
+        halves.append(HalfData(torch.from_numpy(stack.images(rows)).to(device), ctf, None, None, true_rots))
+    result = refine(halves, start, stack.pixel_size_a, refine_cfg, recon, denoiser)
+    return result.maps, result.history
+
+
+def fsc_report(maps: HalfSetResult, pixel_size_a: float, truth: torch.Tensor | None, prior: str) -> dict:
+    """The JSON of ``fsc.json``: curves per shell and resolutions at 0.143 and 0.5."""
+    d = maps.full.volume.shape[-1]
+    report: dict = {
+        "prior": prior,
+        "lambda": maps.full.lam,
+        "box": d,
+        "pixel_size_a": pixel_size_a,
+        "frequency_per_a": [round(float(f), 6) for f in shell_frequencies_a(d, pixel_size_a)],
+        "fsc_half": [round(float(v), 5) for v in maps.fsc_half],
+        "fsc_half_unregularised": [round(float(v), 5) for v in maps.fsc_unregularised],
+    }
+    for thr, tag in ((0.143, "0143"), (0.5, "05")):
+        report[f"resolution_half_{tag}_a"] = round(resolution_at(maps.fsc_half, d, pixel_size_a, thr), 3)
+        report[f"resolution_half_unregularised_{tag}_a"] = round(
+            resolution_at(maps.fsc_unregularised, d, pixel_size_a, thr), 3
+        )
+    if truth is not None:
+        curve = fsc(maps.full.volume, truth.to(maps.full.volume), ndim=3)
+        report["fsc_truth"] = [round(float(v), 5) for v in curve]
+        for thr, tag in ((0.143, "0143"), (0.5, "05")):
+            report[f"resolution_truth_{tag}_a"] = round(resolution_at(curve, d, pixel_size_a, thr), 3)
+    return report
+
+
+def run_reconstruct(
+    star: str | Path,
+    out_dir: str | Path,
+    job: ReconstructJob,
+    recon: ReconstructionConfig,
+    refine_cfg: RefineConfig | None = None,
+    argv: list[str] | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Reconstruct ``star`` into the run folder ``out_dir``; returns the ``fsc.json`` content."""
+    recon.validate()
+    refine_cfg = refine_cfg or RefineConfig()
+    stack = ParticleStack.from_file(star)
+    device = torch.device(job.device)
+    subset = half_sets(stack)
+    truth = _load_map(job.truth, stack.box, stack.pixel_size_a, device) if job.truth else None
+    denoiser = load_prior_denoiser(job.denoiser, device) if recon.prior != "gaussian" else None
+    if job.refine:
+        if job.start is not None:
+            start = _load_map(job.start, stack.box, stack.pixel_size_a, device)
+        elif truth is not None:
+            start = lowpass(truth, job.start_lowpass_a, pixel_size_a=stack.pixel_size_a, ndim=3)
+        else:
+            raise InputError("--refine needs a start map: give --start MAP or --truth MAP")
+        maps, history = refine_stack(stack, subset, start, recon, refine_cfg, denoiser, job.device)
+    else:
+        acc1, acc2 = known_pose_accumulators(stack, subset, recon.pad, job.device, job.chunk)
+        maps, history = reconstruct_halves(acc1, acc2, stack.pixel_size_a, recon, denoiser), []
+    report = fsc_report(maps, stack.pixel_size_a, truth, recon.prior)
+    report["n_particles"] = len(stack)
+    if history:
+        report["refine_history"] = history
+        errors = [h for h in history if "angular_error_mean_deg" in h]
+        if errors:
+            report["angular_error_mean_deg"] = errors[-1]["angular_error_mean_deg"]
+            report["angular_error_median_deg"] = errors[-1]["angular_error_median_deg"]
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        write_map(tmp / "map.mrc", maps.full.volume.cpu(), stack.pixel_size_a)
+        write_map(tmp / "half1.mrc", maps.half1.volume.cpu(), stack.pixel_size_a)
+        write_map(tmp / "half2.mrc", maps.half2.volume.cpu(), stack.pixel_size_a)
+        (tmp / "fsc.json").write_text(json.dumps(report, indent=2))
+        write_run_config(
+            tmp / "config.yaml", job, argv, input=str(Path(star).absolute()),
+            reconstruction=config_to_dict(recon), refinement=config_to_dict(refine_cfg) if job.refine else None,
+        )
+    log.info("wrote %s (half-map resolution %.2f Å)", out_dir, report["resolution_half_0143_a"])
+    return report
+

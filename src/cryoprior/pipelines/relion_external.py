@@ -1,0 +1,273 @@
+"""RELION's external reconstruction (``relion_refine --external_reconstruct``) with our priors.
+
+RELION writes ``<root>_external_reconstruct.star`` and three MRCs, sets nothing else up, and
+runs ``$RELION_EXTERNAL_RECONSTRUCT_EXECUTABLE <root>_external_reconstruct.star`` from its
+project folder; half 1 and half 2 run at the same time in the same folder. The STAR holds
+
+- ``data_external_reconstruct_general`` (key-value): ``rlnExtReconsDataReal``/``Imag``
+  (B), ``rlnExtReconsWeight`` (K), ``rlnExtReconsResult`` (the map to write),
+  ``rlnTau2FudgeFactor`` (T), ``rlnPaddingFactor`` (pad), ``rlnReferenceDimensionality`` (3),
+  ``rlnOriginalImageSize`` (d), ``rlnCurrentImageSize`` (data beyond half of it are zero) and,
+  in newer RELION, ``rlnPixelSize``;
+- ``data_external_reconstruct_tau2`` (loop): ``rlnSpectralIndex``, ``rlnReferenceTau2``,
+  ``rlnGoldStandardFsc`` for shells ``0..d // 2``.
+
+The MRCs are FFTW half-complex grids ``(P, P, P // 2 + 1)`` [z, y, x], ``P = pad · d``, zero
+frequency at index 0 and negative frequencies wrapped (:func:`halfcomplex_to_centred`), in
+RELION's FFT scale (forward transforms divided by the 2D image size, so ``B / K`` is our
+``fft2c`` scale divided by ``d²``). The update is the one of :mod:`cryoprior.methods.red`:
+τ² from the FSC (eq. 12, full-set FSC for a map without ``_half1``/``_half2`` in its name) or,
+with ``tau2=star`` or when the FSC is empty (classification), RELION's own τ² with its
+correction ``pad³ · T``. The result is cropped to ``d``, gridding-corrected and written
+atomically (a unique temporary file beside it, then a rename); nothing else is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import starfile
+import torch
+
+from cryoprior.core.fsc import resolution_at
+from cryoprior.errors import InputError
+from cryoprior.io.mrc import write_map
+from cryoprior.methods.red import (
+    PRIORS,
+    Accumulator,
+    ReconstructionConfig,
+    load_prior_denoiser,
+    map_reconstruct,
+)
+
+log = logging.getLogger(__name__)
+
+GENERAL, TAU2 = "external_reconstruct_general", "external_reconstruct_tau2"
+_GENERAL_KEYS = (
+    "rlnExtReconsDataReal", "rlnExtReconsDataImag", "rlnExtReconsWeight", "rlnExtReconsResult",
+    "rlnTau2FudgeFactor", "rlnPaddingFactor", "rlnReferenceDimensionality", "rlnOriginalImageSize",
+    "rlnCurrentImageSize",
+)
+_TAU2_KEYS = ("rlnSpectralIndex", "rlnReferenceTau2", "rlnGoldStandardFsc")
+#: Environment variables read when the matching flag is not given (RELION passes no flags).
+ENV = {
+    "prior": "CRYOPRIOR_PRIOR",
+    "denoiser": "CRYOPRIOR_DENOISER",
+    "tau2_source": "CRYOPRIOR_TAU2",
+    "red_lambda": "CRYOPRIOR_RED_LAMBDA",
+    "pixel_size_a": "CRYOPRIOR_PIXEL_SIZE",
+    "device": "CRYOPRIOR_DEVICE",
+}
+
+
+@dataclass
+class RelionExternalConfig:
+    """Options of ``cryoprior relion-external``; None = environment variable, then default."""
+
+    prior: str | None = field(default=None, metadata={"choices": list(PRIORS), "help": f"prior [env {ENV['prior']}, gaussian]"})
+    denoiser: str | None = field(default=None, metadata={"help": f"denoiser model [env {ENV['denoiser']}, shipped model]"})
+    tau2_source: str | None = field(
+        default=None, metadata={"flag": "--tau2", "choices": ["auto", "fsc", "star"], "help": f"τ² from the FSC or RELION's τ² [env {ENV['tau2_source']}, auto]"}
+    )
+    red_lambda: float | None = field(default=None, metadata={"help": f"λ of --prior red [env {ENV['red_lambda']}, 1]"})
+    cw_low_a: float = field(default=10.0, metadata={"help": "CW-RED: λ = 0 at this resolution (Å)"})
+    cw_high_a: float = field(default=4.5, metadata={"help": "CW-RED: λ = 1 at this resolution (Å)"})
+    pixel_size_a: float | None = field(
+        default=None, metadata={"flag": "--pixel-size", "help": f"Å/pixel when the STAR has no rlnPixelSize [env {ENV['pixel_size_a']}]"}
+    )
+    device: str | None = field(default=None, metadata={"help": f"torch device [env {ENV['device']}, cpu]"})
+
+    def resolved(self) -> RelionExternalConfig:
+        """A copy with unset fields filled from the environment, then the defaults."""
+        values = dict(self.__dict__)
+        casts = {"red_lambda": float, "pixel_size_a": float}
+        for name, var in ENV.items():
+            if values[name] is None and os.environ.get(var):
+                try:
+                    values[name] = casts.get(name, str)(os.environ[var])
+                except ValueError as exc:
+                    raise InputError(f"environment variable {var}={os.environ[var]!r} is not valid") from exc
+        defaults = {"prior": "gaussian", "tau2_source": "auto", "red_lambda": 1.0, "device": "cpu"}
+        for name, value in defaults.items():
+            values[name] = value if values[name] is None else values[name]
+        out = RelionExternalConfig(**values)
+        if out.prior not in PRIORS:
+            raise InputError(f"prior must be one of {PRIORS}, got {out.prior!r}")
+        if out.tau2_source not in ("auto", "fsc", "star"):
+            raise InputError(f"tau2 must be auto, fsc or star, got {out.tau2_source!r}")
+        return out
+
+
+def halfcomplex_to_centred(h: torch.Tensor) -> torch.Tensor:
+    """FFTW half-complex ``(P, P, P // 2 + 1)`` (origin at 0) → centred full grid ``(P, P, P)``.
+
+    Negative x frequencies come from Hermitian symmetry, ``F(−k) = conj F(k)`` (for a real K
+    this mirrors it). The recipe, checked against our centred FFT (``core.fft``)::
+
+        >>> import torch
+        >>> from cryoprior.core.fft import fft3c
+        >>> x = torch.randn(6, 6, 6, dtype=torch.float64)
+        >>> h = torch.fft.rfftn(torch.fft.ifftshift(x))        # what RELION writes (× scale)
+        >>> torch.allclose(halfcomplex_to_centred(h), fft3c(x))
+        True
+    """
+    p = h.shape[0]
+    if h.dim() != 3 or h.shape != (p, p, p // 2 + 1):
+        raise ValueError(f"expected a half-complex grid (P, P, P // 2 + 1), got {tuple(h.shape)}")
+    mirrored = torch.roll(torch.flip(h, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))  # h[-z, -y, :]
+    n_neg = p - (p // 2 + 1)  # x indices p//2+1 .. p-1 hold kx = -(p - j)
+    neg = mirrored[..., 1 : n_neg + 1].flip(-1)
+    full = torch.cat([h, neg.conj() if neg.is_complex() else neg], dim=-1)  # (p, p, p), FFTW order
+    return torch.fft.fftshift(full)
+
+
+@dataclass
+class ExternalJob:
+    """One RELION external-reconstruction request, read and checked."""
+
+    star: Path
+    data_real: Path
+    data_imag: Path
+    weight: Path
+    result: Path
+    fudge: float
+    pad: int
+    ori_size: int
+    current_size: int
+    pixel_size_a: float | None
+    tau2: np.ndarray  # (ori // 2 + 1,) RELION's τ²
+    fsc: np.ndarray  # (ori // 2 + 1,)
+
+    @property
+    def is_half(self) -> bool:
+        return any(f"_half{i}" in self.star.name for i in (1, 2))
+
+
+def _resolve(name: str, star: Path) -> Path:
+    """RELION's paths are relative to its project folder (our cwd); else try beside the STAR."""
+    p = Path(name)
+    if p.is_absolute() or p.exists() or not (star.parent / p).exists():
+        return p
+    return star.parent / p
+
+
+def read_job(star: str | Path) -> ExternalJob:
+    """Parse ``<root>_external_reconstruct.star``; ``InputError`` naming the file when malformed."""
+    star = Path(star)
+    if not star.is_file():
+        raise InputError("file not found", star)
+    try:
+        blocks = starfile.read(star, always_dict=True)
+    except Exception as exc:  # starfile/pandas raise many types on malformed text
+        raise InputError(f"not a readable STAR file ({type(exc).__name__}: {exc})", star) from exc
+    if GENERAL not in blocks or TAU2 not in blocks:
+        found = ", ".join(f"data_{b}" for b in blocks) or "none"
+        raise InputError(f"need blocks data_{GENERAL} and data_{TAU2}; found {found}", star)
+    general = blocks[GENERAL]
+    general = general.iloc[0].to_dict() if isinstance(general, pd.DataFrame) else dict(general)
+    missing = [k for k in _GENERAL_KEYS if k not in general]
+    if missing:
+        raise InputError(f"data_{GENERAL} lacks {', '.join(missing)}", star)
+    tau = blocks[TAU2] if isinstance(blocks[TAU2], pd.DataFrame) else pd.DataFrame([blocks[TAU2]])
+    missing = [k for k in _TAU2_KEYS if k not in tau.columns]
+    if missing:
+        raise InputError(f"data_{TAU2} lacks column(s) {', '.join(missing)}", star)
+    try:
+        ori, cur = int(general["rlnOriginalImageSize"]), int(general["rlnCurrentImageSize"])
+        pad_f, fudge = float(general["rlnPaddingFactor"]), float(general["rlnTau2FudgeFactor"])
+        dim = int(general["rlnReferenceDimensionality"])
+        pixel = float(general["rlnPixelSize"]) if "rlnPixelSize" in general else None
+        idx = tau["rlnSpectralIndex"].to_numpy(dtype=np.int64)
+        tau2_col = tau["rlnReferenceTau2"].to_numpy(dtype=np.float64)
+        fsc_col = tau["rlnGoldStandardFsc"].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"non-numeric value in the STAR ({exc})", star) from exc
+    if dim != 3:
+        raise InputError(f"only 3D references are supported, rlnReferenceDimensionality = {dim}", star)
+    if ori < 2 or pad_f < 1 or round(pad_f) != pad_f or not 0 < cur <= ori:
+        raise InputError(f"bad sizes: original {ori}, current {cur}, padding {pad_f:g} (integer >= 1)", star)
+    if idx.size and (idx.min() < 0 or idx.max() > ori // 2):
+        raise InputError(f"rlnSpectralIndex outside 0..{ori // 2}", star)
+    tau2, fsc = np.zeros(ori // 2 + 1), np.zeros(ori // 2 + 1)
+    tau2[idx], fsc[idx] = tau2_col, fsc_col
+    real, imag, weight = (_resolve(str(general[k]), star) for k in _GENERAL_KEYS[:3])
+    result = Path(str(general["rlnExtReconsResult"]))
+    if not result.is_absolute() and real == star.parent / str(general["rlnExtReconsDataReal"]):
+        result = star.parent / result  # inputs were found beside the STAR: write there too
+    return ExternalJob(
+        star, real, imag, weight, result,
+        fudge=fudge, pad=int(pad_f), ori_size=ori, current_size=cur, pixel_size_a=pixel, tau2=tau2, fsc=fsc,
+    )
+
+
+def _read_grid(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    if not path.is_file():
+        raise InputError("file not found", path)
+    try:
+        with mrcfile.open(path, mode="r", permissive=True) as mrc:
+            if mrc.data is None:
+                raise ValueError("no data block")
+            data = np.asarray(mrc.data, dtype=np.float32).copy()
+    except (ValueError, OSError) as exc:
+        raise InputError(f"not a readable MRC file ({exc})", path) from exc
+    if data.shape != shape:
+        raise InputError(f"shape (z, y, x) = {data.shape}, expected (P, P, P/2+1) = {shape}", path)
+    if not np.isfinite(data).all():
+        raise InputError("contains NaN or Inf", path)
+    return data
+
+
+def load_accumulator(job: ExternalJob, device: torch.device | str = "cpu") -> Accumulator:
+    """B and K of the job on our centred grid and scale (B × d², see the module docstring)."""
+    p = job.pad * job.ori_size
+    shape = (p, p, p // 2 + 1)
+    real, imag, weight = (_read_grid(f, shape) for f in (job.data_real, job.data_imag, job.weight))
+    h = torch.complex(torch.from_numpy(real), torch.from_numpy(imag)).to(device)
+    data = halfcomplex_to_centred(h) * float(job.ori_size) ** 2
+    k = halfcomplex_to_centred(torch.from_numpy(weight).to(device))
+    return Accumulator(data, k.clamp(min=0.0), job.ori_size, job.pad)
+
+
+def run_external(star: str | Path, config: RelionExternalConfig | None = None) -> Path:
+    """Carry out one request: read, update by the configured prior, write ``rlnExtReconsResult``."""
+    cfg = (config or RelionExternalConfig()).resolved()
+    job = read_job(star)
+    pixel = cfg.pixel_size_a or job.pixel_size_a
+    if pixel is None and cfg.prior == "cw-red":
+        raise InputError(f"CW-RED needs the pixel size: the STAR has no rlnPixelSize; set --pixel-size or {ENV['pixel_size_a']}", job.star)
+    pixel = pixel or 1.0
+    acc = load_accumulator(job, cfg.device)
+    fsc = torch.from_numpy(job.fsc)
+    has_fsc = bool((fsc[1:] > 0.001).any())
+    source = cfg.tau2_source if cfg.tau2_source != "auto" else ("fsc" if has_fsc else "star")
+    tau2 = None
+    if source == "star":
+        # RELION: 1 / τ²_eff = 1 / (pad³ · T · τ²), with K as written (oversampling correction)
+        tau2 = torch.from_numpy(job.tau2 * job.pad**3 * job.fudge)
+    recon = ReconstructionConfig(
+        prior=cfg.prior, pad=job.pad, tau2_fudge=job.fudge, red_lambda=cfg.red_lambda,
+        cw_low_a=cfg.cw_low_a, cw_high_a=cfg.cw_high_a,
+    )
+    lam = None
+    if cfg.prior == "cw-red" and not has_fsc:
+        log.warning("%s: no gold-standard FSC; CW-RED uses λ = 0", job.star)
+        lam = 0.0
+    denoiser = None
+    if cfg.prior != "gaussian" and lam != 0.0:
+        denoiser = load_prior_denoiser(cfg.denoiser, cfg.device)
+    result = map_reconstruct(
+        acc, fsc, pixel, recon, denoiser, full_set=not job.is_half, r_max=job.current_size / 2, lam=lam, tau2=tau2,
+    )
+    write_map(job.result, result.volume.cpu(), pixel)
+    res = resolution_at(fsc, job.ori_size, pixel) if has_fsc else float("nan")
+    log.info(
+        "%s: prior %s, λ = %.3g, τ² from %s%s, FSC resolution %.2f Å → %s",
+        job.star.name, cfg.prior, result.lam, source, "" if job.is_half else " (full set)", res, job.result,
+    )
+    return job.result

@@ -1,0 +1,265 @@
+"""relion-external on files written exactly as RELION writes them, checked against numpy."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import torch
+
+from cryoprior.cli.main import main
+from cryoprior.pipelines.relion_external import (
+    RelionExternalConfig,
+    halfcomplex_to_centred,
+    read_job,
+    run_external,
+)
+
+D, PAD = 16, 2
+P = D * PAD
+
+
+def relion_halfcomplex(volume: np.ndarray) -> np.ndarray:
+    """RELION's data layout for a real ``(d, d, d)`` volume: zero-padded about the centre to
+    ``P``, ``torch.fft.rfftn`` of the ifftshifted grid (origin at index 0), divided by ``d²``
+    (RELION's forward FFTs are normalised by the 2D image size). ``(P, P, P // 2 + 1)``."""
+    padded = np.zeros((P, P, P))
+    lo = P // 2 - D // 2
+    padded[lo : lo + D, lo : lo + D, lo : lo + D] = volume
+    h = torch.fft.rfftn(torch.fft.ifftshift(torch.from_numpy(padded)))
+    return h.numpy() / D**2
+
+
+def _freqs():
+    k = np.fft.fftfreq(P) * P
+    kz, ky, kx = np.meshgrid(k, k, np.arange(P // 2 + 1), indexing="ij")
+    r = np.sqrt(kx**2 + ky**2 + kz**2)
+    return r, np.round(r / PAD).astype(int)
+
+
+def symmetric_weight(seed: int, radial: bool = False) -> np.ndarray:
+    """A positive K with K(−k) = K(k) in the half-complex layout (constant per shell if radial)."""
+    rng = np.random.default_rng(seed)
+    if radial:
+        _, ires = _freqs()
+        return (0.5 + rng.random(ires.max() + 1))[ires]
+    full = 0.5 + 2 * rng.random((P, P, P))
+    mirror = np.roll(np.flip(full), 1, axis=(0, 1, 2))  # full[-k]
+    return ((full + mirror) / 2)[..., : P // 2 + 1]
+
+
+def write_relion_job(folder: Path, volume, weight, tau2, fsc, root="run_it003_half1_class001",
+                     fudge=1.0, current_size=D, pixel_size=2.0) -> Path:
+    """The STAR text and three MRCs of ``BackProjector::externalReconstruct`` for data
+    ``B = K · FT(volume)`` (zero beyond the current size, as RELION's decenter leaves them)."""
+    r, _ = _freqs()
+    inside = r**2 < round(current_size / 2 * PAD) ** 2
+    k = np.where(inside, weight, 0.0)
+    b = k * relion_halfcomplex(volume)
+    names = {s: f"{root}_external_reconstruct_{s}.mrc" for s in ("data_real", "data_imag", "weight")}
+    for key, arr in (("data_real", b.real), ("data_imag", b.imag), ("weight", k)):
+        with mrcfile.new(folder / names[key], overwrite=True) as m:
+            m.set_data(arr.astype(np.float32))
+    general = [
+        ("rlnExtReconsDataReal", names["data_real"]), ("rlnExtReconsDataImag", names["data_imag"]),
+        ("rlnExtReconsWeight", names["weight"]), ("rlnExtReconsResult", f"{root}_external_reconstruct.mrc"),
+        ("rlnExtReconsResultStarfile", f"{root}_external_reconstruct_out.star"),
+        ("rlnTau2FudgeFactor", f"{fudge:12.6f}"), ("rlnPaddingFactor", f"{PAD:12.6f}"),
+        ("rlnReferenceDimensionality", f"{3:12d}"), ("rlnOriginalImageSize", f"{D:12d}"),
+        ("rlnCurrentImageSize", f"{current_size:12d}"),
+    ]
+    if pixel_size is not None:
+        general.append(("rlnPixelSize", f"{pixel_size:12.6f}"))
+    text = "\n# version 30001\n\ndata_external_reconstruct_general\n\n"
+    text += "".join(f"_{key:<40} {value}\n" for key, value in general)
+    text += "\n\n# version 30001\n\ndata_external_reconstruct_tau2\n\nloop_ \n"
+    text += "_rlnSpectralIndex #1 \n_rlnReferenceTau2 #2 \n_rlnGoldStandardFsc #3 \n"
+    text += "".join(f"{i:12d} {t:12.6e} {f:12.6f} \n" for i, (t, f) in enumerate(zip(tau2, fsc)))
+    text += " \n"
+    star = folder / f"{root}_external_reconstruct.star"
+    star.write_text(text)
+    return star
+
+
+def numpy_reference(star: Path, invtau2_shell: np.ndarray, current_size=D) -> np.ndarray:
+    """Independent: ``d² · irfftn(B / (K + τ⁻²))``, centred, cropped, ÷ sinc² gridding kernel."""
+    job = read_job(star)
+    b = mrcfile.read(job.data_real).astype(np.float64) + 1j * mrcfile.read(job.data_imag)
+    k = mrcfile.read(job.weight).astype(np.float64)
+    r, ires = _freqs()
+    inside = (r**2 < round(current_size / 2 * PAD) ** 2) & (ires <= D // 2)
+    denom = k + invtau2_shell[np.minimum(ires, D // 2)]
+    x = np.where(inside, b / np.where(inside, denom, 1.0), 0.0)
+    vol = np.fft.fftshift(np.fft.irfftn(x, s=(P, P, P), axes=(0, 1, 2))) * D**2
+    lo = P // 2 - D // 2
+    vol = vol[lo : lo + D, lo : lo + D, lo : lo + D]
+    s = np.sinc((np.arange(D) - D // 2) / P) ** 2
+    return vol / (s[:, None, None] * s[None, :, None] * s[None, None, :])
+
+
+def _volume(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vol = torch.randn(D, D, D, generator=g, dtype=torch.float64)
+    c = torch.arange(D) - D // 2
+    r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    return (vol * (r < D // 2 - 2)).numpy()
+
+
+def _smooth_volume():
+    """Gaussian blobs (σ ≥ 1.5 px): nearly band-limited, so masking at Nyquist barely alters them."""
+    c = np.arange(D) - D // 2
+    z, y, x = np.meshgrid(c, c, c, indexing="ij")
+    blobs = [((3, -2, 1), 1.5), ((-3, 2, 0), 2.0), ((0, 1, -3), 1.7)]
+    return sum(np.exp(-((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2) / (2 * s * s)) for p, s in blobs)
+
+
+def _result(star: Path) -> np.ndarray:
+    return mrcfile.read(read_job(star).result).astype(np.float64)
+
+
+@pytest.mark.parametrize("p", [6, 7])
+def test_halfcomplex_to_centred_matches_fft3c(p):
+    from cryoprior.core.fft import fft3c
+
+    x = torch.randn(p, p, p, dtype=torch.float64)
+    h = torch.fft.rfftn(torch.fft.ifftshift(x))
+    assert torch.allclose(halfcomplex_to_centred(h), fft3c(x))
+    k = torch.rand(p, p, p, dtype=torch.float64)
+    k = (k + torch.roll(torch.flip(k, (0, 1, 2)), (1, 1, 1), (0, 1, 2))) / 2
+    sym = torch.fft.fftshift(k)
+    assert torch.allclose(halfcomplex_to_centred(k[..., : p // 2 + 1]), sym)
+
+
+def test_huge_tau2_equals_numpy_b_over_k(tmp_path):
+    star = write_relion_job(tmp_path, _volume(), symmetric_weight(1), np.full(D // 2 + 1, 1e12), np.zeros(D // 2 + 1))
+    run_external(star, RelionExternalConfig(prior="gaussian", tau2_source="star"))
+    ref = numpy_reference(star, np.zeros(D // 2 + 1))
+    out = _result(star)
+    assert out.shape == (D, D, D)
+    assert np.abs(out - ref).max() < 1e-4 * np.abs(ref).max()
+    with mrcfile.open(read_job(star).result) as m:
+        assert float(m.voxel_size.x) == pytest.approx(2.0)
+
+
+def test_gaussian_star_tau2_equals_numpy(tmp_path):
+    tau2 = np.linspace(2.0, 0.05, D // 2 + 1)
+    star = write_relion_job(tmp_path, _volume(2), symmetric_weight(3), tau2, np.zeros(D // 2 + 1), fudge=2.0,
+                            current_size=12)
+    run_external(star, RelionExternalConfig(prior="gaussian", tau2_source="star"))
+    ref = numpy_reference(star, 1.0 / (PAD**3 * 2.0 * tau2), current_size=12)  # RELION's 1/(pad³ T τ²)
+    assert np.abs(_result(star) - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("root, full", [("run_it002_half2_class001", False), ("run_class001", True)])
+def test_gaussian_fsc_tau2_equals_numpy(tmp_path, root, full):
+    """Eq. (12) with K constant per shell: τ² = T f / (1 − f) / K, f the full-set FSC for a map
+    without _half in its name."""
+    weight = symmetric_weight(4, radial=True)
+    fsc = np.clip(np.linspace(1.0, -0.1, D // 2 + 1), 0, None)
+    star = write_relion_job(tmp_path, _volume(5), weight, np.ones(D // 2 + 1), fsc, root=root, fudge=1.5)
+    run_external(star, RelionExternalConfig(prior="gaussian"))  # auto: the FSC is there
+    f = np.clip(2 * fsc / (1 + fsc) if full else fsc, 0.001, 0.999)
+    _, ires = _freqs()
+    k_shell = np.array([weight[ires == i][0] for i in range(D // 2 + 1)])
+    tau2 = 1.5 * f / (1 - f) / k_shell
+    ref = numpy_reference(star, 1.0 / tau2)
+    assert np.abs(_result(star) - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_recovers_volume_and_red_identity(tmp_path, monkeypatch):
+    """B = K · FT(V · g) gives V back; RED with an identity denoiser and λ = 1 gives x̃ itself
+    for any τ² (up to the box support; see tests/test_red.py for the closed form)."""
+    from cryoprior.core.projection import gridding_kernel
+
+    vol = _smooth_volume()
+    g = gridding_kernel(D, P, 3, dtype=torch.float64).numpy()
+    fsc = np.full(D // 2 + 1, 0.3)
+    star = write_relion_job(tmp_path, vol * g, symmetric_weight(7), np.ones(D // 2 + 1), fsc)
+    import cryoprior.pipelines.relion_external as rx
+
+    monkeypatch.setattr(rx, "load_prior_denoiser", lambda path, device: (lambda v: v))
+    run_external(star, RelionExternalConfig(prior="red", red_lambda=1.0))
+    assert np.abs(_result(star) - vol).max() < 0.01 * np.abs(vol).max()
+
+
+def test_env_selects_prior(tmp_path, monkeypatch):
+    star = write_relion_job(tmp_path, _volume(), symmetric_weight(1), np.ones(D // 2 + 1), np.full(D // 2 + 1, 0.5))
+    monkeypatch.setenv("CRYOPRIOR_PRIOR", "cw-red")
+    assert RelionExternalConfig().resolved().prior == "cw-red"
+    monkeypatch.setenv("CRYOPRIOR_PRIOR", "nonsense")
+    assert main(["-q", "relion-external", str(star)]) == 2
+
+
+def test_concurrent_halves(tmp_path):
+    """RELION runs half 1 and half 2 at once in one folder: two processes, both right, no debris."""
+    stars = [
+        write_relion_job(tmp_path, _volume(i), symmetric_weight(i), np.full(D // 2 + 1, 1e12),
+                         np.zeros(D // 2 + 1), root=f"run_it001_half{i}_class001")
+        for i in (1, 2)
+    ]
+    before = set(os.listdir(tmp_path))
+    env = dict(os.environ, CRYOPRIOR_TAU2="star", OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "cryoprior.cli.main", "-q", "relion-external", s.name],
+                         cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+        for s in stars
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    for s in stars:
+        ref = numpy_reference(s, np.zeros(D // 2 + 1))
+        assert np.abs(_result(s) - ref).max() < 1e-4 * np.abs(ref).max()
+    assert set(os.listdir(tmp_path)) - before == {f"run_it001_half{i}_class001_external_reconstruct.mrc" for i in (1, 2)}
+
+
+def _good_job(tmp_path):
+    return write_relion_job(tmp_path, _volume(), symmetric_weight(1), np.ones(D // 2 + 1), np.full(D // 2 + 1, 0.5))
+
+
+@pytest.mark.parametrize(
+    "breakage, needle",
+    [
+        ("no_tau2_block", "data_external_reconstruct_tau2"),
+        ("no_fsc_column", "rlnGoldStandardFsc"),
+        ("no_weight_key", "rlnExtReconsWeight"),
+        ("bad_shape", "weight.mrc"),
+        ("missing_mrc", "data_imag.mrc"),
+        ("missing_star", "nothere.star"),
+    ],
+)
+def test_malformed_input_one_line_error(tmp_path, capsys, breakage, needle):
+    star = _good_job(tmp_path)
+    text = star.read_text()
+    if breakage == "no_tau2_block":
+        star.write_text(text.split("\n# version 30001\n\ndata_external_reconstruct_tau2")[0])
+    elif breakage == "no_fsc_column":
+        lines = [ln.rsplit(None, 1)[0] if ln.strip()[:1].isdigit() else ln for ln in text.splitlines()]
+        star.write_text("\n".join(ln for ln in lines if "rlnGoldStandardFsc" not in ln) + "\n")
+    elif breakage == "no_weight_key":
+        star.write_text("\n".join(ln for ln in text.splitlines() if "rlnExtReconsWeight" not in ln) + "\n")
+    elif breakage == "bad_shape":
+        path = read_job(star).weight
+        with mrcfile.new(path, overwrite=True) as m:
+            m.set_data(np.ones((P, P, P), dtype=np.float32))
+    elif breakage == "missing_mrc":
+        read_job(star).data_imag.unlink()
+    elif breakage == "missing_star":
+        star = tmp_path / "nothere.star"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        rc = main(["-q", "relion-external", str(star)])
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / read_job_result_name(star)).exists()
+
+
+def read_job_result_name(star: Path) -> str:
+    return star.name.replace(".star", ".mrc")
