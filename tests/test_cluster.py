@@ -1,0 +1,161 @@
+"""Clustering: views recovered at high SNR and not at very low SNR, balanced sizes, k-NN, averages."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from cryoprior.cluster import (
+    balanced_assignment,
+    bsk_means,
+    class_averages,
+    cluster,
+    knn,
+    reliable_mask,
+)
+from cryoprior.cluster.bsk import balanced_sizes
+from cryoprior.core.filters import normalize_images
+from cryoprior.core.metrics import classification_scores
+from cryoprior.io.stack import ParticleStack
+from cryoprior.sim.dataset import SimulationConfig, simulate_dataset
+
+
+@pytest.fixture(scope="module")
+def views(tmp_path_factory):
+    """400 particles, 4 views, box 32: SNR 1 and the same projections at SNR 0.01."""
+    out = tmp_path_factory.mktemp("views") / "sim"
+    simulate_dataset(SimulationConfig(box=32, n=400, views=4, snr=1.0, snr_levels=[0.01], seed=0), out)
+    stack = ParticleStack.from_file(out / "particles.star")
+
+    def norm(x):
+        return normalize_images(torch.from_numpy(x)).numpy()
+
+    return {
+        "snr1": norm(stack.images()),
+        "snr001": norm(stack.read_image_column("cpImageNameSnr0p01")),
+        "noisy001": stack.read_image_column("cpImageNameSnr0p01"),
+        "clean": stack.read_image_column("cpCleanImageName"),
+        "labels": stack.column("cpViewLabel").astype(np.int64),
+    }
+
+
+@pytest.mark.parametrize("method", ["kmeans", "hc", "pca-kmeans"])
+def test_views_recovered_at_snr_1(views, method):
+    labels = cluster(views["snr1"], 4, method, seed=0)
+    assert classification_scores(views["labels"], labels)["f1"] == 1.0
+
+
+def test_raw_kmeans_fails_at_snr_001(views):
+    # the same projections are separated perfectly at SNR 1 (test_views_recovered_at_snr_1)
+    f1_low = classification_scores(views["labels"], cluster(views["snr001"], 4, "kmeans"))["f1"]
+    assert f1_low < 0.5  # chance is 0.25
+
+
+def test_cluster_is_deterministic_and_checks_arguments(views):
+    x = views["snr1"][:100]
+    np.testing.assert_array_equal(cluster(x, 3, "kmeans", seed=3), cluster(x, 3, "kmeans", seed=3))
+    with pytest.raises(ValueError, match="unknown clustering method"):
+        cluster(x, 3, "dbscan")
+    with pytest.raises(ValueError, match="1..100"):
+        cluster(x, 101, "kmeans")
+    with pytest.raises(ValueError, match="1..100"):
+        cluster(x, 0, "hc")
+
+
+def test_bsk_sizes_equal_and_reliable_mask_keeps_nearest(views):
+    x = views["snr1"][:203].reshape(203, -1)  # 203 = 4 * 50 + 3: sizes 51, 51, 51, 50
+    labels, centres = bsk_means(x, 4, seed=0)
+    sizes = np.bincount(labels, minlength=4)
+    assert sorted(sizes.tolist()) == [50, 51, 51, 51]
+    mask = reliable_mask(x, labels, centres, 0.3)
+    dist = ((x - centres[labels]) ** 2).sum(1)
+    for j in range(4):
+        inside = labels == j
+        assert (mask & inside).sum() == math.ceil(0.3 * inside.sum())
+        assert dist[mask & inside].max() <= dist[~mask & inside].min()
+    assert reliable_mask(x, labels, centres, 1.0).all()
+
+
+def test_bsk_agrees_with_views_where_sizes_allow(views):
+    labels, _ = bsk_means(views["snr1"], 4, seed=0)
+    true = views["labels"]
+    assert np.bincount(labels).tolist() == [100] * 4
+    # a view larger than 100 must spill its excess into a smaller view's cluster, and no more
+    best = np.minimum(np.bincount(true), 100).sum() / len(true)
+    assert classification_scores(true, labels)["accuracy"] >= best - 0.01
+
+
+@pytest.mark.parametrize("n,k", [(12, 3), (37, 5), (60, 4), (9, 9), (20, 1)])
+def test_balanced_assignment_is_optimal(n, k):
+    rng = np.random.default_rng(n * 10 + k)
+    cost = rng.random((n, k)) * 10
+    labels = balanced_assignment(cost)
+    lo, hi, r = balanced_sizes(n, k)
+    sizes = np.bincount(labels, minlength=k)
+    assert sizes.min() >= lo and sizes.max() <= hi
+    # reference: Hungarian on lo slots per cluster + one penalised extra slot each
+    penalty = cost.max() - cost.min() + 1
+    slots = np.concatenate([np.repeat(cost, lo, axis=1), cost + penalty], axis=1)
+    rows, cols = linear_sum_assignment(slots)
+    optimum = slots[rows, cols].sum() - penalty * r
+    assert cost[np.arange(n), labels].sum() == pytest.approx(optimum, abs=1e-9)
+
+
+def test_knn_exact_neighbours_on_a_line():
+    x = np.array([[0.0], [1.0], [3.0], [7.0], [15.0]], dtype=np.float32)
+    dist, idx = knn(x, 2)
+    np.testing.assert_array_equal(idx, [[1, 2], [0, 2], [1, 0], [2, 1], [3, 2]])
+    np.testing.assert_allclose(dist, [[1, 3], [1, 2], [2, 3], [4, 6], [8, 12]])
+    _, with_self = knn(x, 1, exclude_self=False)
+    np.testing.assert_array_equal(with_self[:, 0], np.arange(5))
+
+
+def test_knn_matches_brute_force():
+    x = np.random.default_rng(0).normal(size=(200, 16)).astype(np.float32)
+    dist, idx = knn(x, 5, batch=64)
+    full = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    np.fill_diagonal(full, np.inf)
+    np.testing.assert_array_equal(idx, np.argsort(full, axis=1)[:, :5])
+    np.testing.assert_allclose(dist, np.sort(full, axis=1)[:, :5], rtol=1e-4)
+
+
+def test_knn_correlation_ignores_scale_and_offset():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(100, 32)).astype(np.float32)
+    y = x * rng.uniform(0.1, 10, size=(100, 1)).astype(np.float32) + rng.normal(size=(100, 1)).astype(np.float32)
+    dx, ix = knn(x, 4, metric="correlation")
+    dy, iy = knn(y, 4, metric="correlation")
+    np.testing.assert_array_equal(ix, iy)
+    np.testing.assert_allclose(dx, dy, atol=1e-5)
+    corr = np.corrcoef(x)
+    np.testing.assert_allclose(1 - dx[:, 0], corr[np.arange(100), ix[:, 0]], atol=1e-5)
+
+
+def test_class_averages_approach_clean_views(views):
+    noisy, clean, labels = views["noisy001"], views["clean"], views["labels"]
+    templates = np.stack([clean[np.flatnonzero(labels == j)[0]] for j in range(4)])  # (4, d, d)
+
+    def mean_corr(n_per_class):
+        keep = np.concatenate([np.flatnonzero(labels == j)[:n_per_class] for j in range(4)])
+        avg = class_averages(noisy[keep], labels[keep], 4)
+        return np.mean([np.corrcoef(avg[j].ravel(), templates[j].ravel())[0, 1] for j in range(4)])
+
+    c = [mean_corr(n) for n in (5, 20, 80)]
+    assert c[0] < c[1] < c[2]
+    assert c[2] > 0.6  # SNR 0.01 x 80 images: expected correlation ~ sqrt(0.8 / 1.8) = 0.67
+
+
+def test_class_averages_match_loop_and_empty_class_is_zero():
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(30, 8, 8)).astype(np.float32)
+    labels = rng.integers(0, 3, size=30)
+    avg = class_averages(images, labels, 4)
+    for j in range(3):
+        np.testing.assert_allclose(avg[j], images[labels == j].mean(0), rtol=1e-5, atol=1e-6)
+    assert not avg[3].any()
+    with pytest.raises(ValueError, match="labels must be integers"):
+        class_averages(images, labels, 2)
