@@ -1,0 +1,229 @@
+"""Training pairs for the learned 3D prior: noisy intermediate maps and their targets.
+
+A pair is ``(input, target)`` on one structure's grid ``(d, d, d)``:
+
+- ``reconstruction`` noise model (Kimanius et al. 2020): project the truth at ``n`` uniform
+  orientations, apply a CTF (random defocus), add white noise at ``snr`` (one σ per stack, as
+  :mod:`cryoprior.core.noise`), and reconstruct with the true poses perturbed by a random
+  rotation of ``pose_error_deg`` RMS angle and a small Wiener constant (unregularised):
+  ``input`` then carries the noise and blur of a refinement intermediate.
+- ``gaussian`` noise model: ``input = truth + σ N(0, 1)`` with ``σ = level · std(truth)``
+  (std inside the inscribed sphere).
+
+In both, ``target = fsc_weighted_lowpass(truth, fsc(input, truth))``: the truth at the input's
+resolution, so the network learns to remove noise, not to invent detail. Both maps are divided
+by :func:`sphere_std` of the input (the scale the denoiser uses at inference).
+
+Augmentation by the 24 proper rotations of the cube about voxel ``d // 2``
+(:func:`cube_rotations`): exact, by axis permutations and flips (with a one-voxel roll for even
+``d``, so the centre ``d // 2`` stays put).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from cryoprior.core.ctf import apply_ctf, ctf_2d
+from cryoprior.core.filters import soft_sphere_mask
+from cryoprior.core.fsc import fsc, fsc_weighted_lowpass
+from cryoprior.core.noise import add_noise
+from cryoprior.core.projection import project, reconstruct
+from cryoprior.core.rotations import quaternion_to_matrix, random_rotations
+from cryoprior.errors import InputError
+from cryoprior.sim.structures import load_volume, recommended_pixel_size_a
+
+NOISE_MODELS = ("reconstruction", "gaussian")
+PSEUDO_PREFIX = "pseudo:"
+PSEUDO_BOX_EDGE_A = 96.0  # pseudo-proteins: box edge in Å at every box size (3 Å pixels at 32)
+PSEUDO_ATOMS = (1500, 3500)  # heavy-atom count range, drawn from the seed
+
+
+# ------------------------------------------------------------------------------ cube rotations
+def _permutation_sign(perm: tuple[int, ...]) -> int:
+    inversions = sum(1 for i, j in itertools.combinations(range(len(perm)), 2) if perm[i] > perm[j])
+    return -1 if inversions % 2 else 1
+
+
+def _cube_group() -> list[tuple[tuple[int, int, int], tuple[int, int, int]]]:
+    """The 24 (permutation, signs) with ``det = sign(perm) · prod(signs) = +1``; identity first."""
+    out = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1, -1), repeat=3):
+            if _permutation_sign(perm) * math.prod(signs) == 1:
+                out.append((perm, signs))
+    return out
+
+
+def cube_rotation_matrices(dtype=torch.float64) -> torch.Tensor:
+    """The 24 rotations of the cube as signed permutation matrices ``(24, 3, 3)`` (det +1).
+
+    They act on voxel offsets from the centre in array order ``(z, y, x)``; matrix ``k`` is the
+    one :func:`cube_rotations` applies as its ``k``-th output: ``out_k[c + R p] = vol[c + p]``.
+    """
+    mats = torch.zeros(24, 3, 3, dtype=dtype)
+    for k, (perm, signs) in enumerate(_cube_group()):
+        for i in range(3):
+            mats[k, i, perm[i]] = signs[i]
+    return mats
+
+
+def _flip_about_centre(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``out[q] = x[2c - q]`` along ``dim`` (``c = d // 2``, periodic): a flip, rolled for even d."""
+    out = torch.flip(x, (dim,))
+    return torch.roll(out, 1, dim) if x.shape[dim] % 2 == 0 else out
+
+
+def rotate_cube(vol: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th (0..23) cube rotation of ``vol`` ``(..., d, d, d)`` about voxel ``d // 2``."""
+    perm, signs = _cube_group()[k]
+    lead = vol.dim() - 3
+    out = vol.permute(*range(lead), *(lead + p for p in perm))
+    for i, s in enumerate(signs):
+        if s < 0:
+            out = _flip_about_centre(out, lead + i)
+    return out
+
+
+def cube_rotations(vol: torch.Tensor) -> torch.Tensor:
+    """All 24 proper rotations of a cubic volume ``(d, d, d)`` → ``(24, d, d, d)``, identity first."""
+    if vol.dim() != 3 or len(set(vol.shape)) != 1:
+        raise InputError(f"expected a cubic volume (d, d, d), got shape {tuple(vol.shape)}")
+    return torch.stack([rotate_cube(vol, k) for k in range(24)])
+
+
+# ------------------------------------------------------------------------------- normalisation
+def sphere_std(vol: torch.Tensor) -> torch.Tensor:
+    """Standard deviation of ``vol`` ``(..., d, d, d)`` inside the inscribed sphere. → ``(...,)``."""
+    d = vol.shape[-1]
+    mask = soft_sphere_mask(d, d / 2, 0.0, 3, vol.device, vol.dtype) > 0
+    inside = vol[..., mask]  # (..., m)
+    return inside.std(dim=-1).clamp(min=torch.finfo(vol.dtype).tiny)
+
+
+# --------------------------------------------------------------------------------- structures
+def pair_seed(*parts: object) -> int:
+    """A stable seed from names and numbers (``hash()`` is salted per process)."""
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def load_truth(spec: str, box: int) -> tuple[torch.Tensor, float]:
+    """Ground-truth map ``(box, box, box)`` and its pixel size (Å) for a builtin id, file or pseudo.
+
+    Structures use :func:`recommended_pixel_size_a` (the molecule fills ~80 % of the box);
+    ``"pseudo:<seed>"`` is a procedural pseudo-protein (:mod:`cryoprior.sim.pseudo`) of
+    1500-3500 atoms in a box :data:`PSEUDO_BOX_EDGE_A` wide, which it fills about as much.
+    """
+    if spec.startswith(PSEUDO_PREFIX):
+        from cryoprior.sim.pseudo import pseudo_protein
+
+        seed = int(spec[len(PSEUDO_PREFIX) :])
+        pixel_size_a = PSEUDO_BOX_EDGE_A / box
+        u = float(torch.rand((), generator=torch.Generator().manual_seed(seed)))
+        n_atoms = int(PSEUDO_ATOMS[0] + u * (PSEUDO_ATOMS[1] - PSEUDO_ATOMS[0]))
+        return pseudo_protein(box, pixel_size_a, n_atoms, seed), pixel_size_a
+    pixel_size_a = recommended_pixel_size_a(spec, box)
+    return load_volume(spec, box, pixel_size_a), pixel_size_a
+
+
+# -------------------------------------------------------------------------------------- pairs
+@dataclass
+class NoiseSettings:
+    """Ranges the pair parameters are drawn from (log-uniform for counts, SNRs and levels)."""
+
+    n_particles: tuple[int, int] = (200, 3000)
+    snr: tuple[float, float] = (0.005, 0.2)
+    pose_error_deg: float = 3.0
+    ctf: bool = True
+    defocus_um: tuple[float, float] = (1.0, 3.0)
+    wiener_constant: float = 1e-3
+    gaussian_level: tuple[float, float] = (0.3, 5.0)
+
+
+def _log_uniform(lo: float, hi: float, g: torch.Generator) -> float:
+    u = float(torch.rand((), generator=g, dtype=torch.float64))
+    return math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+
+
+def perturb_rotations(
+    rotations: torch.Tensor, rms_deg: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Compose ``(n, 3, 3)`` rotations with random small ones of RMS angle ``rms_deg``.
+
+    Each error rotation has a uniform random axis and an angle whose three components are
+    N(0, (rms_deg/√3)²), so ``E[angle²] = rms_deg²``. Returns ``(n, 3, 3)``.
+    """
+    if rms_deg <= 0:
+        return rotations.clone()
+    n = rotations.shape[0]
+    half = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+    half = half * math.radians(rms_deg) / math.sqrt(3) / 2  # (n, 3) half-angle rotation vectors
+    angle = half.norm(dim=-1, keepdim=True)
+    q = torch.cat([torch.cos(angle), torch.sinc(angle / math.pi) * half], dim=-1)  # (n, 4) w,x,y,z
+    return quaternion_to_matrix(q).to(rotations) @ rotations
+
+
+def reconstruction_input(
+    truth: torch.Tensor,
+    pixel_size_a: float,
+    n_particles: int,
+    snr: float,
+    pose_error_deg: float,
+    settings: NoiseSettings,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """An unregularised reconstruction of ``truth`` ``(d, d, d)`` from noisy projections. → ``(d, d, d)``."""
+    d = truth.shape[-1]
+    rots = random_rotations(n_particles, generator, dtype=torch.float32)
+    images = project(truth, rots)  # (n, d, d)
+    ctf = None
+    if settings.ctf:
+        lo, hi = settings.defocus_um
+        df = (lo + (hi - lo) * torch.rand(n_particles, generator=generator)) * 1e4  # Å
+        ctf = ctf_2d(d, pixel_size_a, df, df, 0.0, dtype=images.dtype)  # (n, d, d)
+        images = apply_ctf(images, ctf)
+    noisy, _ = add_noise(images, snr, generator, per_stack=True)
+    est = perturb_rotations(rots, pose_error_deg, generator)
+    return reconstruct(noisy, est, ctf=ctf, wiener_constant=settings.wiener_constant)
+
+
+def make_pair(
+    spec: str, box: int, noise_model: str, index: int, settings: NoiseSettings, seed: int = 0
+) -> dict:
+    """Pair ``index`` of structure ``spec`` at ``box``, deterministic in its arguments.
+
+    Returns ``{"input", "target", "truth"}`` (each ``(box,)*3`` float32, divided by the input's
+    :func:`sphere_std`), ``"scale"`` (that std) and ``"meta"`` (the drawn parameters and FSCs).
+    """
+    if noise_model not in NOISE_MODELS:
+        raise InputError(f"noise_model must be one of {NOISE_MODELS}, got {noise_model!r}")
+    g = torch.Generator().manual_seed(pair_seed(seed, spec, box, noise_model, index))
+    truth, pixel_size_a = load_truth(spec, box)
+    meta: dict = {"structure": spec, "box": box, "pixel_size_a": pixel_size_a, "index": index}
+    if noise_model == "reconstruction":
+        n = int(round(_log_uniform(*settings.n_particles, g)))
+        snr = _log_uniform(*settings.snr, g)
+        pose = settings.pose_error_deg * float(torch.rand((), generator=g))
+        noisy = reconstruction_input(truth, pixel_size_a, n, snr, pose, settings, g)
+        meta.update(n_particles=n, snr=snr, pose_error_deg=pose)
+    else:
+        level = _log_uniform(*settings.gaussian_level, g)
+        noise = torch.randn(truth.shape, generator=g, dtype=truth.dtype)
+        noisy = truth + level * sphere_std(truth) * noise
+        meta.update(gaussian_level=level)
+    curve = fsc(noisy, truth, ndim=3)  # (box // 2 + 1,)
+    target = fsc_weighted_lowpass(truth, curve, ndim=3)
+    scale = sphere_std(noisy)
+    meta["fsc_input"] = [round(float(v), 4) for v in curve]
+    meta["fsc_target"] = [round(float(v), 4) for v in fsc(target, truth, ndim=3)]
+    return {
+        "input": (noisy / scale).float(),
+        "target": (target / scale).float(),
+        "truth": (truth / scale).float(),
+        "scale": float(scale),
+        "meta": meta,
+    }

@@ -1,0 +1,262 @@
+"""The learned 3D prior: U-Net, cube rotations, training pairs, training, the shipped model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cryoprior.cli.main import main
+from cryoprior.core.fsc import fsc, resolution_at
+from cryoprior.errors import InputError, TrainingDivergedError
+from cryoprior.methods.prior3d import (
+    HELD_OUT_STRUCTURES,
+    Prior3DConfig,
+    load_denoiser,
+    make_batch,
+    save_model,
+    train,
+    training_structures,
+)
+from cryoprior.methods.prior3d_data import (
+    NoiseSettings,
+    cube_rotation_matrices,
+    cube_rotations,
+    make_pair,
+    reconstruction_input,
+    sphere_std,
+)
+from cryoprior.models.unet3d import UNet3D, UNet3DConfig
+from cryoprior.sim.structures import list_builtin_structures, load_volume, recommended_pixel_size_a
+
+
+# ------------------------------------------------------------------------------------ U-Net
+@pytest.mark.parametrize("size", [32, 48])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unet_keeps_shape_and_dtype_and_starts_as_identity(size, dtype):
+    net = UNet3D(UNet3DConfig(levels=5, base_channels=2, channel_growth=2.0)).to(dtype)
+    x = torch.randn(2, 1, size, size, size, dtype=dtype)
+    y = net(x)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert torch.equal(y, x)  # zero-initialised head: output = input + 0
+
+
+def test_unet_is_built_from_parameters_and_learns_a_residual():
+    cfg = UNet3DConfig(levels=3, base_channels=3, channel_growth=2.0, convs_per_level=1)
+    net = UNet3D(cfg)
+    assert len(net.encoders) == 3 and len(net.decoders) == 2 and net.size_multiple == 4
+    assert [blk[0].out_channels for blk in net.encoders] == [3, 6, 12]
+    torch.nn.init.normal_(net.head.weight, std=0.1)
+    x = torch.randn(1, 1, 8, 8, 8)
+    assert not torch.equal(net(x), x)
+    with pytest.raises(ValueError, match=r"multiple of 4.*\(10, 10, 10\)"):
+        net(torch.randn(1, 1, 10, 10, 10))
+
+
+# --------------------------------------------------------------------------- cube rotations
+@pytest.mark.parametrize("d", [5, 6])
+def test_cube_rotations_are_the_24_proper_rotations_about_the_centre(d):
+    mats = cube_rotation_matrices()
+    assert mats.shape == (24, 3, 3)
+    assert torch.allclose(torch.linalg.det(mats), torch.ones(24, dtype=mats.dtype))  # no reflections
+    assert torch.allclose(mats @ mats.transpose(1, 2), torch.eye(3, dtype=mats.dtype).expand(24, 3, 3))
+    assert len({tuple(m.flatten().tolist()) for m in mats}) == 24
+    assert torch.equal(mats[0], torch.eye(3, dtype=mats.dtype))
+
+    vol = torch.randn(d, d, d, generator=torch.Generator().manual_seed(0))
+    rots = cube_rotations(vol)
+    assert rots.shape == (24, d, d, d)
+    assert len({tuple(r.flatten().tolist()) for r in rots}) == 24  # 24 distinct volumes
+    c = d // 2
+    grid = torch.stack(torch.meshgrid(*[torch.arange(d)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    for k in range(24):
+        moved = (grid - c) @ mats[k].long().T + c  # R p for every voxel offset p
+        expected = torch.zeros_like(vol)
+        expected[tuple((moved % d).T)] = vol[tuple(grid.T)]  # out[c + R p] = vol[c + p]
+        assert torch.equal(rots[k], expected), k
+    centre = torch.zeros(d, d, d)
+    centre[c, c, c] = 1
+    assert all(torch.equal(r, centre) for r in cube_rotations(centre))  # the centre stays put
+
+
+# -------------------------------------------------------------------------------- pairs
+FAST = NoiseSettings(n_particles=(300, 300), snr=(0.02, 0.02), pose_error_deg=1.0)
+
+
+def test_reconstruction_pair_input_is_worse_than_target():
+    pair = make_pair("1ake", 32, "reconstruction", 0, FAST, seed=0)
+    truth, inp, target = pair["truth"], pair["input"], pair["target"]
+    assert inp.shape == target.shape == truth.shape == (32, 32, 32)
+    assert torch.isclose(sphere_std(inp), torch.tensor(1.0), atol=1e-4)
+    f_in, f_target = fsc(inp, truth, ndim=3), fsc(target, truth, ndim=3)
+    assert f_in[1:].mean() < f_target[1:].mean() - 0.2
+    assert (f_in[1:] <= f_target[1:] + 1e-4).all()
+    assert pair["meta"]["n_particles"] == 300 and pair["meta"]["structure"] == "1ake"
+
+
+def test_gaussian_pair_is_deterministic_and_noisier_than_its_target():
+    a = make_pair("2a2l", 24, "gaussian", 3, FAST, seed=1)
+    b = make_pair("2a2l", 24, "gaussian", 3, FAST, seed=1)
+    assert torch.equal(a["input"], b["input"]) and torch.equal(a["target"], b["target"])
+    f_in = fsc(a["input"], a["truth"], ndim=3)
+    f_target = fsc(a["target"], a["truth"], ndim=3)
+    assert f_in[1:].mean() < f_target[1:].mean()
+    pseudo = make_pair("pseudo:2", 24, "gaussian", 0, FAST)
+    assert pseudo["input"].shape == (24, 24, 24) and pseudo["meta"]["pixel_size_a"] == 4.0
+    with pytest.raises(InputError, match="noise_model"):
+        make_pair("2a2l", 24, "poisson", 0, FAST)
+
+
+# ----------------------------------------------------------------------------- training
+def _toy_pairs(n: int = 4, d: int = 16) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    r = torch.linspace(-1, 1, d)
+    zz, yy, xx = torch.meshgrid(r, r, r, indexing="ij")
+    pairs = []
+    for _ in range(n):
+        centre = torch.rand(3, generator=g) * 0.6 - 0.3
+        blob = torch.exp(-((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2) / 0.1)
+        pairs.append({"input": blob + 0.5 * torch.randn(d, d, d, generator=g), "target": blob})
+    return pairs
+
+
+def _toy_config(**kw) -> Prior3DConfig:
+    base = dict(box=[16], levels=2, base_channels=4, epochs=3, batch_size=2, lr=3e-3, device="cpu")
+    return Prior3DConfig(**{**base, **kw})
+
+
+def test_a_few_epochs_lower_the_loss_and_training_resumes(tmp_path):
+    pairs = _toy_pairs()
+    net, losses = train(pairs, _toy_config(), tmp_path)
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert (tmp_path / "checkpoint.pt").exists()
+    _, resumed = train(pairs, _toy_config(epochs=4), tmp_path)
+    assert resumed[:3] == losses and len(resumed) == 4
+
+
+def test_batches_rotate_and_crop_input_and_target_together():
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    for _ in range(3):
+        x = torch.randn(24, 24, 24, generator=g)
+        pairs.append({"input": x, "target": 2 * x})
+    x, y = make_batch(pairs, [0, 2, 1], 16, torch.Generator().manual_seed(1))
+    assert x.shape == y.shape == (3, 1, 16, 16, 16)
+    assert torch.equal(y, 2 * x)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    pairs = _toy_pairs()
+    train(pairs, _toy_config(epochs=1), tmp_path)
+    bad = [{"input": p["input"] * float("nan"), "target": p["target"]} for p in pairs]
+    with pytest.raises(TrainingDivergedError, match="epoch 2"):
+        train(bad, _toy_config(epochs=2), tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert len(ckpt["losses"]) == 1
+
+
+def test_saved_model_round_trips_through_load_denoiser(tmp_path):
+    net = UNet3D(UNet3DConfig(levels=2, base_channels=2))
+    torch.nn.init.normal_(net.head.weight, std=0.1)
+    save_model(net, tmp_path, {"note": "toy"})
+    assert json.loads((tmp_path / "model.json").read_text())["note"] == "toy"
+    vol = torch.randn(10, 10, 10)
+    expected = net(vol[None, None] / sphere_std(vol))[0, 0] * sphere_std(vol)
+    for path in (tmp_path, tmp_path / "model.pt"):
+        assert torch.allclose(load_denoiser(path)(vol), expected.detach(), atol=1e-5)
+
+
+def test_train_prior3d_command_writes_a_loadable_run_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+
+    def argv(epochs: int) -> list[str]:
+        return ["-q", "train-prior3d", "--out", str(out), "--structures", "3fhk",
+                "--validation-structures", "3mht", "--box", "16", "--pairs-per-structure", "2",
+                "--validation-pairs", "1", "--noise-model", "gaussian", "--levels", "2",
+                "--base-channels", "2", "--epochs", str(epochs), "--batch-size", "2",
+                "--device", "cpu"]
+
+    assert main(argv(1)) == 0
+    assert "held-out FSC 0.5 resolution" in capsys.readouterr().out
+    for name in ("config.yaml", "model.pt", "model.json", "loss.json", "loss.png",
+                 "validation.json", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    validation = json.loads((out / "validation.json").read_text())
+    assert validation["n"] == 1 and validation["maps"][0]["structure"] == "3mht"
+    assert set(validation["mean"]["output"]) == {"resolution_0.5_a", "resolution_0.143_a", "mean_fsc"}
+    pairs = sorted((out / "pairs" / "gaussian").glob("*.pt"))
+    assert len(pairs) == 3
+    stamps = [p.stat().st_mtime_ns for p in pairs]
+    assert main(argv(2)) == 0  # resumes from the checkpoint: one more epoch
+    assert [p.stat().st_mtime_ns for p in pairs] == stamps  # cached pairs reused
+    assert len(json.loads((out / "loss.json").read_text())["epoch_mean"]) == 2
+    assert load_denoiser(out)(torch.randn(16, 16, 16)).shape == (16, 16, 16)
+
+
+# ----------------------------------------------------------------------- the shipped model
+def test_training_structures_leave_benchmarks_out():
+    train_ids = training_structures()
+    assert len(HELD_OUT_STRUCTURES) >= 4
+    assert not set(train_ids) & set(HELD_OUT_STRUCTURES)
+    assert set(train_ids) | set(HELD_OUT_STRUCTURES) == set(list_builtin_structures())
+
+
+def test_shipped_model_improves_a_held_out_noisy_reconstruction():
+    box = 32
+    pixel_size_a = recommended_pixel_size_a("4ake", box)
+    truth = load_volume("4ake", box, pixel_size_a)
+    g = torch.Generator().manual_seed(7)
+    noisy = reconstruction_input(truth, pixel_size_a, 600, 0.02, 1.0, NoiseSettings(), g)
+    denoised = load_denoiser(None)(noisy)
+    f_in, f_out = fsc(noisy, truth, ndim=3), fsc(denoised, truth, ndim=3)
+    assert f_out[1:].mean() > f_in[1:].mean() + 0.05
+    assert resolution_at(f_out, box, pixel_size_a, 0.5) < resolution_at(f_in, box, pixel_size_a, 0.5)
+
+
+@pytest.mark.parametrize("size", [32, 27])
+def test_load_denoiser_keeps_device_dtype_and_shape(device, size):
+    denoise = load_denoiser(None, device=device)
+    vol = torch.randn(size, size, size, dtype=torch.float64, device=device)
+    out = denoise(vol)
+    assert out.shape == vol.shape and out.dtype == vol.dtype and out.device == vol.device
+    assert torch.isfinite(out).all()
+    # scale-equivariant (up to the float32 network's rounding)
+    assert torch.allclose(denoise(vol * 5.0), out * 5.0, rtol=1e-4, atol=1e-5 * float(out.abs().max()))
+
+
+def test_bad_input_raises_input_error_naming_the_file_or_shape(tmp_path):
+    missing = tmp_path / "nope" / "model.pt"
+    with pytest.raises(InputError, match="nope.*model.pt.*not found"):
+        load_denoiser(missing)
+    lonely = tmp_path / "lonely.pt"
+    torch.save({}, lonely)
+    with pytest.raises(InputError, match="lonely.json"):
+        load_denoiser(lonely)
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    (tmp_path / "junk.json").write_text(json.dumps({"unet": {"levels": 2}}))
+    with pytest.raises(InputError, match="junk.pt.*not a prior3d model"):
+        load_denoiser(tmp_path / "junk.pt")
+    denoise = load_denoiser(None)
+    with pytest.raises(InputError, match=r"\(32, 32\)"):
+        denoise(torch.zeros(32, 32))
+    with pytest.raises(InputError, match=r"\(8, 8, 9\)"):
+        denoise(torch.zeros(8, 8, 9))
+    with pytest.raises(InputError, match=r"\(5, 6, 6\)"):
+        cube_rotations(torch.zeros(5, 6, 6))
+
+
+@pytest.mark.slow
+def test_training_on_reconstructions_improves_held_out_maps(tmp_path):
+    """The whole recipe, small: 4 structures × 3 noisy reconstructions, 150 steps (minutes)."""
+    from cryoprior.pipelines.train_prior3d import run_train_prior3d
+
+    config = Prior3DConfig(
+        structures=["1bd2", "3o21", "1pwc", "3enl"], validation_structures=["4ake", "2a2l"],
+        pairs_per_structure=3, validation_pairs=1, n_particles=[300, 1000], epochs=50,
+        device="cpu",
+    )
+    result = run_train_prior3d(config, tmp_path / "run", argv=["test"])
+    assert result["n_improved_mean_fsc"] == result["n"] == 2
+    mean = result["mean"]
+    assert mean["output"]["resolution_0.5_a"] < mean["input"]["resolution_0.5_a"]
