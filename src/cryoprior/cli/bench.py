@@ -23,6 +23,11 @@ from cryoprior.fileutil import atomic_path
 BENCHES: dict[str, tuple[str, dict, dict]] = {
     "io": ("bench_io", {"n": 100_000, "box": 128}, {"n": 10_000, "box": 128}),
     "simulate": ("bench_simulate", {"n": 10_000, "box": 128}, {"n": 1_000, "box": 128}),
+    # red: --n/--box override the particles per dataset and the box; figures go to out_dir
+    "red": ("bench_red", {"quick": False, "out_dir": "bench_red"}, {"quick": True, "out_dir": "bench_red_quick"}),
+    # cdae: --n = test images per view; tables (bench_cdae.md/.json) go to out_dir
+    "cdae": ("bench_cdae", {"n": 1000, "box": 64, "quick": False, "out_dir": "bench_cdae"},
+             {"n": 150, "box": 64, "quick": True, "out_dir": "bench_cdae_quick"}),
 }
 
 

@@ -1,0 +1,234 @@
+"""CDAE models, training helpers and operations: shapes, invariants, a denoiser that denoises."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cryoprior.errors import InputError, TrainingDivergedError
+from cryoprior.methods.cdae import CDAEConfig, finetune_cascade, new_cascade, single_dae
+from cryoprior.methods.cdae_ops import (
+    histogram_equalize,
+    knn_mean_targets,
+    normalize,
+    psnr_normalised,
+)
+from cryoprior.methods.denoiser import denoise_images, load_model, read_model_file, save_model
+from cryoprior.methods.training import fit_pairs, load_checkpoint, resolve_device, save_loss_curves
+from cryoprior.models.cdae import CDAECascade, ConvAEBlock
+from cryoprior.models.dncnn import DnCNN
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """Tiny convolutions: one intra-op thread is as fast on an idle CPU and avoids OpenMP
+    spin-waiting when the cores are shared (2 threads ran these tests ~5-9x slower under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _templates(d: int = 32) -> torch.Tensor:
+    """Four distinct smooth clean images ``(4, d, d)``: Gaussian blobs at different places."""
+    yy, xx = torch.meshgrid(torch.arange(d, dtype=torch.float32), torch.arange(d, dtype=torch.float32), indexing="ij")
+    centres = [(0.3, 0.3), (0.7, 0.3), (0.5, 0.75), (0.3, 0.7)]
+    out = []
+    for i, (cy, cx) in enumerate(centres):
+        img = torch.exp(-((yy - cy * d) ** 2 + (xx - cx * d) ** 2) / (2 * (2 + i) ** 2))
+        img = img + 0.6 * torch.exp(-((yy - d / 2) ** 2 + (xx - (1 - cx) * d) ** 2) / 18)
+        out.append(img)
+    return torch.stack(out)
+
+
+def _noisy_set(n: int, snr: float, seed: int, d: int = 32) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """``n`` noisy copies of the templates: (noisy, clean, labels)."""
+    gen = torch.Generator().manual_seed(seed)
+    t = _templates(d)
+    labels = torch.randint(len(t), (n,), generator=gen)
+    clean = t[labels]  # (n, d, d)
+    sigma = torch.sqrt(clean.var(dim=(-2, -1), keepdim=True) / snr)
+    return clean + sigma * torch.randn(clean.shape, generator=gen), clean, labels.numpy()
+
+
+# ------------------------------------------------------------------------------------- models
+@pytest.mark.parametrize("size", [24, 31, 32, 33, 40, 63])
+def test_block_output_shape_equals_input_for_odd_and_even_sizes(size, device):
+    block = ConvAEBlock(widths=(4, 8, 8)).to(device).eval()
+    x = torch.randn(2, 1, size, size, device=device)
+    assert block(x).shape == x.shape
+    cascade = CDAECascade(2, widths=(4, 8)).to(device).eval()
+    assert cascade(x).shape == x.shape
+
+
+def test_block_rejects_images_smaller_than_the_pooling_factor():
+    with pytest.raises(ValueError, match=r"smaller than the pooling factor 8"):
+        ConvAEBlock(widths=(4, 8, 8)).eval()(torch.zeros(1, 1, 7, 7))
+    with pytest.raises(ValueError, match=r"\(b, 1, h, w\)"):
+        ConvAEBlock()(torch.zeros(1, 2, 16, 16))
+
+
+def test_block_is_built_from_parameters():
+    block = ConvAEBlock(widths=(32, 64, 128))
+    convs = [m for m in block.encoder if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 6 and [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in block.encoder) == 3
+    ups = [m for m in block.decoder if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert len(ups) == 3 and block.head.in_channels == 32 and block.head.out_channels == 1
+    drops = [m for m in block.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(drops) == 2 and all(d.p == 0.5 for d in drops)
+    assert len(CDAECascade(3).blocks) == 3
+
+
+def test_batched_inference_equals_looped(device):
+    torch.manual_seed(0)
+    model = CDAECascade(3, widths=(4, 8, 8))
+    images = torch.randn(10, 33, 33) * 3 + 1
+    batched = denoise_images(model, images, batch_size=4, device=device, precision="fp32")
+    looped = np.concatenate([denoise_images(model, im[None], 1, device, precision="fp32") for im in images])
+    np.testing.assert_allclose(batched, looped, atol=1e-5)
+    assert batched.shape == (10, 33, 33) and batched.dtype == np.float32
+    bf16 = denoise_images(model, images, batch_size=4, device=device, precision="bf16")
+    assert np.abs(bf16 - batched).max() < 0.05 * np.abs(batched).max() + 1e-3
+
+
+def test_dncnn_shape_and_residual():
+    model = DnCNN(depth=4, width=8).eval()
+    x = torch.randn(3, 1, 21, 21)
+    assert model(x).shape == x.shape
+    torch.nn.init.zeros_(model.net[-1].weight)
+    torch.nn.init.zeros_(model.net[-1].bias)
+    torch.testing.assert_close(model(x), x)
+
+
+# --------------------------------------------------------------------------------- operations
+def test_histogram_equalisation_gives_a_uniform_cdf():
+    rng = np.random.default_rng(0)
+    images = rng.gamma(2.0, size=(3, 16, 17)).astype(np.float32)
+    out = histogram_equalize(images)
+    n = 16 * 17
+    assert out.shape == images.shape and out.dtype == np.float32
+    for img, eq in zip(images, out):
+        np.testing.assert_allclose(np.sort(eq.ravel()), (np.arange(n) + 0.5) / n, atol=1e-6)
+        assert np.array_equal(np.argsort(img.ravel()), np.argsort(eq.ravel()))  # order kept
+    np.testing.assert_allclose(histogram_equalize(torch.ones(8, 8)), 0.5)
+
+
+def test_knn_mean_target_is_closer_to_the_clean_image_than_the_input():
+    noisy, clean, labels = _noisy_set(80, snr=0.3, seed=1)
+    x = normalize(noisy)[:, 0]  # (n, d, d)
+    targets = knn_mean_targets(x, k=15, pca_dims=16)
+    assert targets.shape == x.shape
+    ref = normalize(clean)[:, 0]
+    err_in = ((x - ref) ** 2).mean(dim=(-2, -1))
+    err_target = ((normalize(targets)[:, 0] - ref) ** 2).mean(dim=(-2, -1))
+    assert bool((err_target < err_in).all())
+    assert float(err_target.mean()) < 0.2 * float(err_in.mean())
+    corr = knn_mean_targets(x, k=15, metric="correlation", pca_dims=0)
+    assert float(((normalize(corr)[:, 0] - ref) ** 2).mean()) < 0.2 * float(err_in.mean())
+    with pytest.raises(ValueError, match="metric"):
+        knn_mean_targets(x, k=5, metric="cosine")
+
+
+def test_psnr_normalised_ignores_scale_and_offset():
+    noisy, clean, _ = _noisy_set(4, snr=1.0, seed=2)
+    a = psnr_normalised(noisy, clean)
+    np.testing.assert_allclose(psnr_normalised(3 * noisy - 7, clean), a, rtol=1e-4)
+    assert (psnr_normalised(clean, 2 * clean + 1) > 100).all()
+
+
+# --------------------------------------------------------------------------------- training
+def test_trained_autoencoder_raises_psnr_on_held_out_images(device):
+    noisy, clean, _ = _noisy_set(384, snr=0.2, seed=3)
+    test_noisy, test_clean, _ = _noisy_set(64, snr=0.2, seed=4)
+    torch.manual_seed(0)
+    block = ConvAEBlock(widths=(8, 16, 16), dropout=0.1)
+    losses = fit_pairs(block, normalize(noisy), normalize(clean), epochs=6, batch_size=32, lr=2e-3,
+                       optimizer="adam", seed=0, device=device)
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    before = psnr_normalised(test_noisy, test_clean).mean()
+    after = psnr_normalised(denoise_images(block, test_noisy, 32, device, precision="fp32"), test_clean).mean()
+    assert after > before + 3.0, (before, after)
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    x = normalize(torch.randn(20, 16, 16))
+    ckpt = tmp_path / "ck.pt"
+    torch.manual_seed(0)
+    model = ConvAEBlock(widths=(4, 4))
+    fit_pairs(model, x, x, epochs=1, batch_size=8, lr=1e-3, checkpoint=ckpt)
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = x.clone()
+    bad[3, 0, 2, 2] = float("nan")
+    with pytest.raises(TrainingDivergedError, match=r"NaN.*epoch 2.*last good checkpoint.*epoch 1"):
+        fit_pairs(model, x, bad, epochs=2, batch_size=8, lr=1e-3, checkpoint=ckpt)
+    state = load_checkpoint(ckpt)
+    assert state["epoch"] == 1 and len(state["losses"]) == 1
+    fresh = ConvAEBlock(widths=(4, 4))
+    fresh.load_state_dict(state["model"])
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, good[k])
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path):
+    x, y = normalize(torch.randn(24, 16, 16)), normalize(torch.randn(24, 16, 16))
+
+    def run(split: bool):
+        torch.manual_seed(0)
+        model = ConvAEBlock(widths=(4, 4))
+        ckpt = tmp_path / f"ck_{split}.pt"
+        if split:
+            fit_pairs(model, x, y, epochs=1, batch_size=8, lr=1e-3, checkpoint=ckpt)
+            torch.manual_seed(123)
+            model = ConvAEBlock(widths=(4, 4))  # a new process: other weights until resumed
+        losses = fit_pairs(model, x, y, epochs=2, batch_size=8, lr=1e-3, checkpoint=ckpt)
+        return model, losses
+
+    (a, la), (b, lb) = run(False), run(True)
+    assert la == pytest.approx(lb)
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(v, w, msg=k)
+
+
+def test_finetuning_and_single_dae_run_and_keep_the_pretrained_cascade():
+    noisy, clean, _ = _noisy_set(96, snr=0.1, seed=5)
+    config = CDAEConfig(widths=[4, 8], finetune_epochs=1, single_dae_epochs=1, knn_k=10, knn_pca_dims=8, batch_size=32)
+    cascade = new_cascade(config)
+    before = {k: v.clone() for k, v in cascade.state_dict().items()}
+    tuned, curves = finetune_cascade(cascade, noisy, config, "cpu")
+    assert set(curves) == {f"finetune block {j}" for j in (1, 2, 3)}
+    for k, v in cascade.state_dict().items():  # the caller's cascade is left as it was
+        torch.testing.assert_close(v, before[k])
+    assert any(not torch.equal(v, before[k]) for k, v in tuned.state_dict().items())
+    block, losses = single_dae(noisy, config, "cpu")
+    assert isinstance(block, ConvAEBlock) and len(losses) == 1
+
+
+def test_model_file_round_trip_and_bad_files(tmp_path):
+    torch.manual_seed(0)
+    model = CDAECascade(2, widths=[4, 8])
+    save_model(tmp_path / "model.pt", "cdae", {"kind": "cdae", "n_blocks": 2, "widths": [4, 8]}, model, {"equalize": False})
+    loaded = load_model(tmp_path, "cpu")
+    x = torch.randn(3, 16, 16)
+    np.testing.assert_array_equal(denoise_images(model, x, 8, "cpu", precision="fp32"),
+                                  denoise_images(loaded, x, 8, "cpu", precision="fp32"))
+    assert loaded.cryoprior_method == "cdae"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.pt").write_bytes(b"not a model")
+    with pytest.raises(InputError, match="model.pt: not a readable model file"):
+        read_model_file(tmp_path / "bad")
+    with pytest.raises(InputError, match="no trained model"):
+        load_model(tmp_path / "nothing")
+
+
+def test_resolve_device_and_loss_curves(tmp_path):
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(InputError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA device"):
+            resolve_device("cuda")
+    json_path, png_path = save_loss_curves({"a": [1.0, 0.5], "b": []}, tmp_path)
+    assert json_path.read_text().startswith("{") and png_path.read_bytes()[:4] == b"\x89PNG"
