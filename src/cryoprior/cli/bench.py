@@ -3,10 +3,15 @@
   io        stream a particle stack through ParticleStack.chunks (images/s, peak RSS) against a
             plain mrcfile memory map read
   simulate  simulate particles with CTF (images/s) against the projection alone
+  cdae      the CDAE paper's protocol: PSNR and clustering F1 for every denoiser and clustering
+            method against the oracle, over SNR 0.1/0.05/0.01 and in-plane rotations
+  red       Gaussian vs RED vs CW-RED reconstruction: FSC-to-truth and half-map resolutions
 
 example:
   cryoprior bench io --n 100000 --box 128 --out bench_io.json
   cryoprior bench simulate --n 10000 --box 128 --out bench_sim.json
+  cryoprior bench cdae --quick --out bench_cdae.json
+  cryoprior bench red --quick --out bench_red.json
 """
 
 from __future__ import annotations
