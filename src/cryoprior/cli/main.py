@@ -20,6 +20,12 @@ COMMANDS: dict[str, str] = {
     "info": "info",
     "demo": "demo",
     "bench": "bench",
+    "denoise": "denoise",
+    "reconstruct": "reconstruct",
+    "relion-external": "relion_external",
+    "report": "report",
+    "train-prior3d": "train_prior3d",
+    "classify": "classify",
 }
 
 

@@ -1,0 +1,133 @@
+"""``cryoprior demo``: every stage on a tiny config, resumable, honest about what is missing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from cryoprior import progress
+from cryoprior.cli.main import main as cli_main
+from cryoprior.errors import InputError
+from cryoprior.pipelines import demo as demo_mod
+from cryoprior.pipelines.demo import DemoConfig, run_demo
+
+TINY = dict(box=32, pixel_size_a=3.5, n_views=300, n_pretrain=100, n_uniform=200, cdae_pretrain_epochs=1,
+            cdae_finetune_epochs=1, denoisers=["cdae", "lowpass"], device="cpu")
+
+
+def _config(**kw) -> DemoConfig:
+    return DemoConfig(**{**TINY, **kw})
+
+
+def _flags(**kw) -> list[str]:
+    """The command-line flags of ``cryoprior demo`` that give ``DemoConfig(**kw)``."""
+    flags = {f.name: f.metadata.get("flag", "--" + f.name.replace("_", "-")) for f in dataclasses.fields(DemoConfig)}
+    args: list[str] = []
+    for name, value in kw.items():
+        args += [flags[name], *map(str, value if isinstance(value, list) else [value])]
+    return args
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The tiny demo run in one go through the command line, with --quiet."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    try:
+        assert cli_main(["--quiet", "demo", "--out", str(out), *_flags(**TINY)]) == 0
+    finally:
+        progress.set_enabled(True)  # --quiet switched the bars off for the whole process
+    return out
+
+
+def test_demo_writes_a_run_folder_per_stage(uninterrupted):
+    out = uninterrupted
+    stages = json.loads((out / "stages.json").read_text())
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["config"]["box"] == 32 and config["config"]["seed"] == 0
+    assert {"cryoprior_version", "time", "argv"} <= set(config)
+    assert config["stages"] == list(stages)
+    done = {k for k, v in stages.items() if v["status"] == "done"}
+    assert {"simulate_views", "simulate_uniform", "measure_snr", "denoise_lowpass", "classify_raw",
+            "classify_lowpass", "classify_oracle", "reconstruct_gaussian"} <= done
+    for name in done - {"measure_snr"} - {s for s in done if s.startswith("simulate_")}:
+        folder = out / name
+        assert (folder / "config.yaml").exists() and (folder / "metrics.json").exists(), name
+        assert (out / "logs" / f"{name}.log").exists()
+    if "denoise_cdae" in done:
+        assert (out / "denoise_cdae" / "model.pt").exists() and (out / "denoise_cdae" / "checkpoints").is_dir()
+    assert (out / "run.log").exists() and (out / "report.html").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert abs(metrics["snr_measured_views"] - 0.1) < 0.01
+    assert metrics["classify"]["oracle"]["f1"] == 1.0
+    assert metrics["reconstruct"]["gaussian"]["resolution_truth_0143_a"] < 20
+    # denoising helps: the low-pass output is closer to the clean projections than the input
+    assert metrics["denoise"]["lowpass"]["psnr_db"] > metrics["denoise"]["noisy input"]["psnr_db"]
+    # noise makes particles differ more than the clean projections do; low-pass removes part of it
+    assert metrics["denoise"]["noisy input"]["spread_ratio"] > metrics["denoise"]["lowpass"]["spread_ratio"] > 1
+
+
+def test_resumed_run_gives_the_same_metrics(uninterrupted, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # stop the run between classification stages
+        m.setattr(demo_mod._Demo, "classify_oracle", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(out, _config(), argv=["test"])
+    stages = json.loads((out / "stages.json").read_text())
+    assert "classify_raw" in stages and "classify_oracle" not in stages
+    assert not (out / "metrics.json").exists()
+
+    def no_rerun(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(demo_mod, "simulate_dataset", no_rerun)
+    monkeypatch.setattr(demo_mod._Demo, "denoise_baseline", no_rerun)
+    resumed = run_demo(out, _config(), argv=["test"])
+    assert resumed == json.loads((uninterrupted / "metrics.json").read_text())
+    assert json.loads((out / "metrics.json").read_text()) == resumed
+
+
+def test_another_config_in_the_same_folder_is_refused(uninterrupted):
+    with pytest.raises(InputError, match="box: 32 then, 48 now"):
+        run_demo(uninterrupted, DemoConfig(box=48, device="cpu"), argv=["test"])
+
+
+def test_quiet_demo_prints_no_progress_bars(uninterrupted, capfd):
+    # the run is complete: everything is skipped, the summary and the report are written again
+    try:
+        assert cli_main(["--quiet", "demo", "--out", str(uninterrupted), *_flags(**TINY)]) == 0
+    finally:
+        progress.set_enabled(True)
+    captured = capfd.readouterr()
+    assert "it/s" not in captured.err and "%|" not in captured.err
+    assert "run folder:" in captured.out and "reconstruct gaussian" in captured.out
+
+
+def test_unknown_method_is_an_error_before_anything_is_written(tmp_path):
+    with pytest.raises(InputError, match="unknown denoiser or prior gan"):
+        run_demo(tmp_path / "run", _config(denoisers=["cdae", "gan"]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_red_runs_with_a_trained_3d_prior(tmp_path):
+    """RED through `cryoprior reconstruct`, with a (barely) trained prior from `train-prior3d`."""
+    prior = tmp_path / "prior3d"
+    try:
+        assert cli_main(["--quiet", "train-prior3d", "--structures", "4ake", "--validation-structures", "1ake",
+                         "--box", "32", "--pairs-per-structure", "2", "--validation-pairs", "1", "--noise-model",
+                         "gaussian", "--epochs", "1", "--levels", "3", "--base-channels", "4", "--device", "cpu",
+                         "--out", str(prior)]) == 0
+    finally:
+        progress.set_enabled(True)
+    cfg = _config(n_views=40, denoisers=[], priors=["gaussian", "red"], red_model=str(prior))
+    metrics = run_demo(tmp_path / "run", cfg, argv=["test"])
+    assert "not_available" not in metrics
+    red = json.loads((tmp_path / "run" / "reconstruct_red" / "metrics.json").read_text())
+    assert red["kind"] == "reconstruct" and red["lambda"] == 1.0 and red["resolution_truth_0143_a"] > 0
+    assert "MAP, RED prior" in (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
