@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from cryoprior import __version__
+from cryoprior import __version__, progress
 from cryoprior.errors import CryopriorError
 
 # command name -> module under cryoprior.cli
@@ -53,12 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.quiet:
-        from cryoprior import progress
-
-        progress.set_enabled(False)
+    # the console shows INFO (WARNING with --quiet); run-folder log files still get INFO records
+    console = logging.StreamHandler()
+    console.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(console)
+    root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    progress.set_enabled(not args.quiet)
     try:
         rc = args._module.main(args)
     except CryopriorError as exc:
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cryoprior {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        root.removeHandler(console)
     return int(rc or 0)
 
 
