@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from cryoprior.errors import InputError, TrainingDivergedError
 from cryoprior.fileutil import atomic_path
 from cryoprior.methods.prior3d_data import NOISE_MODELS, rotate_cube, sphere_std
+from cryoprior.methods.training import resolve_device
 from cryoprior.models.unet3d import UNet3D, UNet3DConfig
 from cryoprior.progress import bar
 from cryoprior.sim.structures import list_builtin_structures
@@ -122,16 +123,6 @@ class Prior3DConfig:
             )
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.head_lr_factor <= 0:
             raise InputError("epochs, batch_size, lr and head_lr_factor must be positive")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device} asked for, but no CUDA device is available")
-    return device
 
 
 # --------------------------------------------------------------------------------- the denoiser

@@ -44,6 +44,7 @@ from cryoprior.fileutil import atomic_dir
 from cryoprior.io.mrc import write_mrcs
 from cryoprior.io.stack import ParticleStack
 from cryoprior.io.star import resolve_image_names, write_star
+from cryoprior.methods.training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +100,6 @@ class ClassifyConfig:
                 raise InputError(f"{flag} must be >= 1, got {value}")
         if self.mask_radius_px is not None and self.mask_radius_px < 0:
             raise InputError(f"--mask-radius must be >= 0, got {self.mask_radius_px}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
 
 
 def normalized_images(stack: ParticleStack, mask_radius_px: float | None = None, chunk: int = 4096) -> np.ndarray:
