@@ -20,8 +20,8 @@ import numpy as np
 
 from cryoprior.errors import InputError
 from cryoprior.io import ParticleStack
+from cryoprior.sim.dataset import TRUTH_COLUMN, measured_snr
 
-TRUTH_COLUMN = "cpCleanImageName"
 LABEL_COLUMNS = ("cpViewLabel", "cpConformationLabel", "cpContaminated")
 
 
@@ -72,35 +72,6 @@ def describe(stack: ParticleStack, max_images: int = 2000) -> dict[str, Any]:
             values, counts = np.unique(stack.column(column), return_counts=True)
             info[column] = {str(v): int(c) for v, c in zip(values, counts, strict=True)}
     return info
-
-
-def measured_snr(stack: ParticleStack, max_images: int = 2000, chunk: int = 256) -> dict[str, Any]:
-    """SNR = mean_i var(clean_i) / mean_i var(noisy_i - clean_i) (population variances over the
-    pixels of each image), over up to ``max_images`` uncontaminated rows spread through the stack.
-    """
-    pool = np.arange(len(stack))
-    if stack.has_column("cpContaminated"):
-        pool = pool[~stack.column("cpContaminated").astype(bool)]
-    if len(pool) == 0:
-        return {"snr": None, "snr_db": None, "snr_n_images": 0}
-    picks = pool[
-        np.unique(
-            np.linspace(0, len(pool) - 1, min(max_images, len(pool))).round().astype(np.int64)
-        )
-    ]
-    signal, noise = 0.0, 0.0
-    for start in range(0, len(picks), chunk):
-        rows = picks[start : start + chunk]
-        noisy = stack.images(rows)  # (k, d, d)
-        clean = stack.read_image_column(TRUTH_COLUMN, rows)  # (k, d, d)
-        signal += float(clean.var(axis=(1, 2), dtype=np.float64).sum())
-        noise += float((noisy - clean).var(axis=(1, 2), dtype=np.float64).sum())
-    snr = signal / noise if noise > 0 else float("inf")
-    return {
-        "snr": snr,
-        "snr_db": float(10 * np.log10(snr)) if 0 < snr < float("inf") else None,
-        "snr_n_images": int(len(picks)),
-    }
 
 
 def _as_text(info: dict[str, Any]) -> str:

@@ -33,7 +33,6 @@ import torch
 from cryoprior.cluster import class_averages
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores, psnr, ssim
-from cryoprior.core.noise import measure_snr
 from cryoprior.errors import CryopriorError, InputError
 from cryoprior.io.mrc import write_mrcs
 from cryoprior.io.stack import ParticleStack
@@ -42,7 +41,7 @@ from cryoprior.methods.training import resolve_device
 from cryoprior.pipelines.report import METHOD_LABELS, build_report
 from cryoprior.pipelines.runs import RunDir
 from cryoprior.progress import bar
-from cryoprior.sim.dataset import SimulationConfig, simulate_dataset
+from cryoprior.sim.dataset import SimulationConfig, measured_snr, simulate_dataset
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +96,6 @@ def missing(module: str, *names: str) -> str | None:
 
 
 # ---- measurements ---------------------------------------------------------------------------
-def measured_snr(star: Path, max_images: int = 2000) -> float:
-    """Mean over images of var(clean) / var(noisy − clean), on uncontaminated particles."""
-    stack = ParticleStack.from_file(star)
-    idx = np.arange(min(len(stack), max_images))
-    if stack.has_column("cpContaminated"):
-        idx = idx[stack.column("cpContaminated")[idx] == 0]
-    noisy = torch.from_numpy(stack.images(idx))
-    clean = torch.from_numpy(stack.read_image_column("cpCleanImageName", idx))
-    return float(measure_snr(clean, noisy).mean())
-
-
 def image_scores(images: np.ndarray, clean: np.ndarray, chunk: int = 512) -> dict[str, float]:
     """Scores of ``images`` ``(n, d, d)`` against ``clean``, both normalised per image (zero mean,
     unit variance) so that denoisers of any output scale compare fairly: mean PSNR (dB), mean SSIM,
@@ -158,7 +146,7 @@ class _Demo:
         return str(simulate_dataset(self.simulation(name), self.data / name, overwrite=True))
 
     def measure_snr(self) -> dict:
-        return {name: round(measured_snr(self.data / name / "particles.star"), 4)
+        return {name: round(measured_snr(ParticleStack.from_file(self.data / name / "particles.star"))["snr"], 4)
                 for name in ("views", "uniform")}
 
     # denoising

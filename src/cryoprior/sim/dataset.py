@@ -28,6 +28,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,7 @@ from cryoprior.core.rotations import euler_to_matrix, matrix_to_euler, random_ro
 from cryoprior.errors import InputError
 from cryoprior.fileutil import atomic_dir
 from cryoprior.io.mrc import MrcsWriter, read_mrc, write_map
+from cryoprior.io.stack import ParticleStack
 from cryoprior.io.star import write_star
 from cryoprior.progress import bar
 from cryoprior.sim.structures import load_volume
@@ -48,6 +50,7 @@ from cryoprior.sim.structures import load_volume
 log = logging.getLogger(__name__)
 
 CONTAMINATION_TYPES = ("A", "B", "C")
+TRUTH_COLUMN = "cpCleanImageName"
 
 
 @dataclass
@@ -354,3 +357,32 @@ def _write_noisy_stacks(config, poses, tmp, signal_path, mean_clean_var, gen, le
                 writer.write(start, img.numpy())
                 pbar.update(stop - start)
     del signal
+
+
+def measured_snr(stack: ParticleStack, max_images: int = 2000, chunk: int = 256) -> dict[str, Any]:
+    """SNR = mean_i var(clean_i) / mean_i var(noisy_i - clean_i) (population variances over the
+    pixels of each image), over up to ``max_images`` uncontaminated rows spread through the stack.
+    """
+    pool = np.arange(len(stack))
+    if stack.has_column("cpContaminated"):
+        pool = pool[~stack.column("cpContaminated").astype(bool)]
+    if len(pool) == 0:
+        return {"snr": None, "snr_db": None, "snr_n_images": 0}
+    picks = pool[
+        np.unique(
+            np.linspace(0, len(pool) - 1, min(max_images, len(pool))).round().astype(np.int64)
+        )
+    ]
+    signal, noise = 0.0, 0.0
+    for start in range(0, len(picks), chunk):
+        rows = picks[start : start + chunk]
+        noisy = stack.images(rows)  # (k, d, d)
+        clean = stack.read_image_column(TRUTH_COLUMN, rows)  # (k, d, d)
+        signal += float(clean.var(axis=(1, 2), dtype=np.float64).sum())
+        noise += float((noisy - clean).var(axis=(1, 2), dtype=np.float64).sum())
+    snr = signal / noise if noise > 0 else float("inf")
+    return {
+        "snr": snr,
+        "snr_db": float(10 * np.log10(snr)) if 0 < snr < float("inf") else None,
+        "snr_n_images": int(len(picks)),
+    }
