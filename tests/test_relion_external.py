@@ -213,7 +213,10 @@ def test_concurrent_halves(tmp_path):
     for s in stars:
         ref = numpy_reference(s, np.zeros(D // 2 + 1))
         assert np.abs(_result(s) - ref).max() < 1e-4 * np.abs(ref).max()
-    assert set(os.listdir(tmp_path)) - before == {f"run_it001_half{i}_class001_external_reconstruct.mrc" for i in (1, 2)}
+    # the map and the τ² STAR that the general block names (rlnExtReconsResultStarfile), no debris
+    assert set(os.listdir(tmp_path)) - before == {
+        f"run_it001_half{i}_class001_external_reconstruct{end}" for i in (1, 2) for end in (".mrc", "_out.star")
+    }
 
 
 def _good_job(tmp_path):
@@ -263,3 +266,58 @@ def test_malformed_input_one_line_error(tmp_path, capsys, breakage, needle):
 
 def read_job_result_name(star: Path) -> str:
     return star.name.replace(".star", ".mrc")
+
+
+def _tau2_table(path: Path):
+    import starfile
+
+    table = starfile.read(path, always_dict=True)["external_reconstruct_tau2"]
+    assert list(table.columns) == ["rlnSpectralIndex", "rlnReferenceTau2", "rlnGoldStandardFsc"]
+    return table
+
+
+def test_result_starfile_tau2_is_relions_ssnr_formula(tmp_path):
+    """With T = 1, the τ² handed back equals RELION's own FSC-based τ² (updateSSNRarrays):
+    ``f / (1 − f) · σ²`` with ``σ² = 1 / (pad³ ⟨K⟩)`` per shell; the FSC goes back unchanged."""
+    weight = symmetric_weight(11, radial=True)
+    fsc = np.clip(np.linspace(1.0, -0.2, D // 2 + 1), 0, None)
+    star = write_relion_job(tmp_path, _volume(12), weight, np.ones(D // 2 + 1), fsc, root="run_it004_half1_class001")
+    run_external(star, RelionExternalConfig(prior="gaussian"))
+    job = read_job(star)
+    assert job.result_star == tmp_path / "run_it004_half1_class001_external_reconstruct_out.star"
+    table = _tau2_table(job.result_star)
+    _, ires = _freqs()
+    k_shell = np.array([weight[ires == i][0] for i in range(D // 2 + 1)])
+    f = np.clip(fsc, 0.001, 0.999)
+    expected = f / (1 - f) / (PAD**3 * k_shell)
+    assert table["rlnSpectralIndex"].tolist() == list(range(D // 2 + 1))
+    np.testing.assert_allclose(table["rlnReferenceTau2"].to_numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(table["rlnGoldStandardFsc"].to_numpy(), fsc, atol=1e-6)
+
+
+def test_result_starfile_tau2_fed_back_reproduces_map(tmp_path):
+    """RELION regularises its next reconstruction with the τ² we hand back (1 / (pad³ T τ²)):
+    fed back as RELION's τ² (no FSC, so tau2 = star) it gives the same map as the FSC path,
+    here for a full-set map (full-set FSC) with T = 1.5, and no temporary files are left."""
+    weight = symmetric_weight(13)
+    fsc = np.clip(np.linspace(0.99, -0.1, D // 2 + 1), 0, None)
+    vol = _volume(14)
+    first = write_relion_job(tmp_path, vol, weight, np.ones(D // 2 + 1), fsc, root="run_class001", fudge=1.5)
+    run_external(first, RelionExternalConfig(prior="gaussian"))
+    tau2_back = _tau2_table(read_job(first).result_star)["rlnReferenceTau2"].to_numpy()
+    again = tmp_path / "again"
+    again.mkdir()
+    second = write_relion_job(again, vol, weight, tau2_back, np.zeros(D // 2 + 1), root="run_class001", fudge=1.5)
+    run_external(second, RelionExternalConfig(prior="gaussian"))
+    ref = _result(first)
+    assert np.abs(_result(second) - ref).max() < 1e-4 * np.abs(ref).max()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp.star") or p.endswith(".tmp.mrc")]
+
+
+def test_no_result_starfile_key_writes_only_the_map(tmp_path):
+    star = _good_job(tmp_path)
+    star.write_text("\n".join(ln for ln in star.read_text().splitlines() if "rlnExtReconsResultStarfile" not in ln) + "\n")
+    before = set(os.listdir(tmp_path))
+    run_external(star, RelionExternalConfig(prior="gaussian"))
+    assert read_job(star).result_star is None
+    assert set(os.listdir(tmp_path)) - before == {read_job_result_name(star)}

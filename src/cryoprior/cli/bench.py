@@ -5,7 +5,10 @@
   simulate  simulate particles with CTF (images/s) against the projection alone
   cdae      the CDAE paper's protocol: PSNR and clustering F1 for every denoiser and clustering
             method against the oracle, over SNR 0.1/0.05/0.01 and in-plane rotations
-  red       Gaussian vs RED vs CW-RED reconstruction: FSC-to-truth and half-map resolutions
+  red       Gaussian vs RED vs CW-RED reconstruction: FSC-to-truth and half-map resolutions, and
+            known-pose timing (10,000 64² particles; 2,000 with --quick) against
+            core.projection.reconstruct and cryoDRGN's backproject_voxel when the cryodrgn
+            command is installed (pip install cryodrgn; optional, GPL-3)
 
 example:
   cryoprior bench io --n 100000 --box 128 --out bench_io.json

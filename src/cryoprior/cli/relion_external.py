@@ -1,7 +1,8 @@
 """Reconstruct for RELION (``--external_reconstruct``) with a Gaussian, RED or CW-RED prior.
 
 Reads RELION's <root>_external_reconstruct.star and its data/weight MRCs and writes the map
-named by rlnExtReconsResult (atomically; half 1 and half 2 may run at the same time). RELION
+named by rlnExtReconsResult and, when the STAR names rlnExtReconsResultStarfile, the τ² table
+RELION reads back from it (both atomically; half 1 and half 2 may run at the same time). RELION
 passes no options, so each flag falls back to an environment variable: CRYOPRIOR_PRIOR
 (gaussian|red|cw-red), CRYOPRIOR_DENOISER (model file; default the shipped one), CRYOPRIOR_TAU2
 (auto|fsc|star), CRYOPRIOR_RED_LAMBDA, CRYOPRIOR_PIXEL_SIZE, CRYOPRIOR_DEVICE.

@@ -12,6 +12,15 @@ project folder; half 1 and half 2 run at the same time in the same folder. The S
 - ``data_external_reconstruct_tau2`` (loop): ``rlnSpectralIndex``, ``rlnReferenceTau2``,
   ``rlnGoldStandardFsc`` for shells ``0..d // 2``.
 
+The general block may also name ``rlnExtReconsResultStarfile`` (newer RELION). RELION reads that
+file back after the call when it exists (``BackProjector::externalReconstruct``): it needs
+``rlnSpectralIndex`` and takes ``rlnReferenceTau2`` as its new τ² (and ``τ² / σ²`` as its
+data-vs-prior ratio); only without a τ² column does it take ``rlnFourierShellCorrelation`` and
+convert it to τ² itself. ``rlnGoldStandardFsc`` is not read back. We write there, atomically,
+the ``data_external_reconstruct_tau2`` table with the τ² the update used, in RELION's units
+(ours ÷ ``pad³ · T``, the inverse of the ``tau2=star`` conversion below, so that RELION's own
+``1 / (pad³ · T · τ²)`` regularises as we did), and the FSC it was given.
+
 The MRCs are FFTW half-complex grids ``(P, P, P // 2 + 1)`` [z, y, x], ``P = pad · d``, zero
 frequency at index 0 and negative frequencies wrapped (:func:`halfcomplex_to_centred`), in
 RELION's FFT scale (forward transforms divided by the 2D image size, so ``B / K`` is our
@@ -19,7 +28,8 @@ RELION's FFT scale (forward transforms divided by the 2D image size, so ``B / K`
 τ² from the FSC (eq. 12, full-set FSC for a map without ``_half1``/``_half2`` in its name) or,
 with ``tau2=star`` or when the FSC is empty (classification), RELION's own τ² with its
 correction ``pad³ · T``. The result is cropped to ``d``, gridding-corrected and written
-atomically (a unique temporary file beside it, then a rename); nothing else is written.
+atomically (a unique temporary file beside it, then a rename), as is the τ² STAR; nothing
+else is written.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import torch
 
 from cryoprior.core.fsc import resolution_at
 from cryoprior.errors import InputError
+from cryoprior.fileutil import atomic_path
 from cryoprior.io.mrc import write_map
 from cryoprior.methods.red import (
     PRIORS,
@@ -55,6 +66,7 @@ _GENERAL_KEYS = (
     "rlnCurrentImageSize",
 )
 _TAU2_KEYS = ("rlnSpectralIndex", "rlnReferenceTau2", "rlnGoldStandardFsc")
+RESULT_STAR_KEY = "rlnExtReconsResultStarfile"
 #: Environment variables read when the matching flag is not given (RELION passes no flags).
 ENV = {
     "prior": "CRYOPRIOR_PRIOR",
@@ -143,6 +155,7 @@ class ExternalJob:
     pixel_size_a: float | None
     tau2: np.ndarray  # (ori // 2 + 1,) RELION's τ²
     fsc: np.ndarray  # (ori // 2 + 1,)
+    result_star: Path | None = None  # rlnExtReconsResultStarfile, when RELION names one
 
     @property
     def is_half(self) -> bool:
@@ -197,12 +210,22 @@ def read_job(star: str | Path) -> ExternalJob:
     tau2, fsc = np.zeros(ori // 2 + 1), np.zeros(ori // 2 + 1)
     tau2[idx], fsc[idx] = tau2_col, fsc_col
     real, imag, weight = (_resolve(str(general[k]), star) for k in _GENERAL_KEYS[:3])
-    result = Path(str(general["rlnExtReconsResult"]))
-    if not result.is_absolute() and real == star.parent / str(general["rlnExtReconsDataReal"]):
-        result = star.parent / result  # inputs were found beside the STAR: write there too
+    beside = real == star.parent / str(general["rlnExtReconsDataReal"])  # inputs found beside the STAR
+
+    def output(key: str) -> Path | None:
+        value = general.get(key)
+        if value is None or not str(value).strip():
+            return None
+        path = Path(str(value))
+        return star.parent / path if beside and not path.is_absolute() else path  # write there too
+
+    result = output("rlnExtReconsResult")
+    if result is None:
+        raise InputError("rlnExtReconsResult is empty", star)
     return ExternalJob(
         star, real, imag, weight, result,
         fudge=fudge, pad=int(pad_f), ori_size=ori, current_size=cur, pixel_size_a=pixel, tau2=tau2, fsc=fsc,
+        result_star=output(RESULT_STAR_KEY),
     )
 
 
@@ -234,8 +257,22 @@ def load_accumulator(job: ExternalJob, device: torch.device | str = "cpu") -> Ac
     return Accumulator(data, k.clamp(min=0.0), job.ori_size, job.pad)
 
 
+def write_tau2_star(path: Path, tau2_relion: np.ndarray, fsc: np.ndarray) -> Path:
+    """Write ``data_external_reconstruct_tau2`` (rlnSpectralIndex, rlnReferenceTau2 in RELION's
+    units, rlnGoldStandardFsc), one row per shell ``0..len - 1``, atomically. Returns ``path``."""
+    if tau2_relion.shape != fsc.shape or tau2_relion.ndim != 1:
+        raise ValueError(f"τ² {tau2_relion.shape} and FSC {fsc.shape} must be 1D of the same length")
+    text = f"\n# version 30001\n\ndata_{TAU2}\n\nloop_ \n"
+    text += "".join(f"_{key} #{i + 1} \n" for i, key in enumerate(_TAU2_KEYS))
+    text += "".join(f"{i:12d} {t:15.8e} {f:12.6f} \n" for i, (t, f) in enumerate(zip(tau2_relion, fsc)))
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + " \n")
+    return path
+
+
 def run_external(star: str | Path, config: RelionExternalConfig | None = None) -> Path:
-    """Carry out one request: read, update by the configured prior, write ``rlnExtReconsResult``."""
+    """Carry out one request: read, update by the configured prior, write ``rlnExtReconsResult``
+    (and the τ² table to ``rlnExtReconsResultStarfile`` when the STAR names one)."""
     cfg = (config or RelionExternalConfig()).resolved()
     job = read_job(star)
     pixel = cfg.pixel_size_a or job.pixel_size_a
@@ -265,6 +302,10 @@ def run_external(star: str | Path, config: RelionExternalConfig | None = None) -
         acc, fsc, pixel, recon, denoiser, full_set=not job.is_half, r_max=job.current_size / 2, lam=lam, tau2=tau2,
     )
     write_map(job.result, result.volume.cpu(), pixel)
+    if job.result_star is not None:
+        # RELION regularises with 1 / (pad³ · T · τ²): hand back ours in those units
+        tau2_relion = result.tau2.detach().cpu().double().numpy() / (job.pad**3 * job.fudge)
+        write_tau2_star(job.result_star, tau2_relion, job.fsc)
     res = resolution_at(fsc, job.ori_size, pixel) if has_fsc else float("nan")
     log.info(
         "%s: prior %s, λ = %.3g, τ² from %s%s, FSC resolution %.2f Å → %s",
