@@ -19,6 +19,16 @@ Padded voxel ``k`` belongs to shell ``round(|k| / pad)`` of the original box (as
 voxels with ``|k|² < round(r_max · pad)²`` take part (``r_max`` = current size / 2), the rest
 of the result is zero. Real-space maps come out of :func:`~cryoprior.core.projection.
 fourier_to_volume` (cropped, gridding-corrected); :func:`volume_to_fourier` is its inverse.
+
+Units of τ² (tested against the truth in ``tests/test_red.py``): the FSC of the cropped half maps
+gives the SSNR of the box-sized map, so eq. (12) makes τ² = pad³ · ⟨|F(V)|²⟩_shell / σ², σ² the
+noise power of one ``fft2c`` coefficient — RELION's ``rlnReferenceTau2`` × pad³. RELION divides
+by pad³ in ``sigma2`` and multiplies by it again in ``invtau2``; the ``1 / τ²`` added to K is the
+same (``⟨K⟩ (1 − FSC) / (T · FSC)``), and scaling it by 1/4 or 4 raises the error to the truth.
+The Wiener weights do not lower the FSC to the truth on the padded grid, but the crop to the box
+(like any mask) mixes neighbouring shells: where SSNR ≪ 1 the attenuated shell then carries
+leakage from the lower, less-attenuated ones, so the FSC of the *regularised* map to a reference
+falls below that of B / K near 0.143. Resolution is read from the unregularised half maps.
 """
 
 from __future__ import annotations
@@ -328,7 +338,7 @@ class HalfSetResult:
     half2: MapResult
     full: MapResult
     fsc_unregularised: torch.Tensor  # FSC of the B/K half maps: the SSNR estimate behind τ²
-    fsc_half: torch.Tensor  # FSC of the regularised half maps (what RELION reports)
+    fsc_half: torch.Tensor  # FSC of the regularised halves (RELION's gold standard: the line above)
 
     def resolution_a(self, pixel_size_a: float, threshold: float = 0.143, regularised: bool = True) -> float:
         curve = self.fsc_half if regularised else self.fsc_unregularised
