@@ -1,5 +1,6 @@
 """The known-pose timing of ``cryoprior bench red``: aligning a map to the truth, the target-case
-count, and (when cryoDRGN is installed) that cryoDRGN reads our STAR with our conventions."""
+count, the like-for-like FSC verdict, and (when cryoDRGN is installed) that cryoDRGN reads our
+STAR with our conventions."""
 
 import os
 import pickle
@@ -12,7 +13,13 @@ import torch
 from cryoprior.core.fsc import fsc
 from cryoprior.core.projection import slice_coordinates
 from cryoprior.io.stack import ParticleStack
-from cryoprior.pipelines.bench_red import _simulate, align_to_truth, cryodrgn_inputs, target_cases
+from cryoprior.pipelines.bench_red import (
+    _simulate,
+    align_to_truth,
+    cryodrgn_inputs,
+    target_cases,
+    timing_summary,
+)
 from cryoprior.pipelines.reconstruct import _ctf, _poses
 from cryoprior.sim.structures import load_volume, recommended_pixel_size_a
 
@@ -47,6 +54,28 @@ def test_target_cases_count_only_where_the_gaussian_half_map_passes_the_limit():
     assert [r["target_case"] for r in marked] == [True] * 3 + [False] * 3
     assert [r["beats_gaussian"] for r in marked] == [None, True, False, None, None, None]
     assert "target_case" not in rows[0]  # the caller's rows are left alone
+
+
+def test_timing_summary_judges_fsc_on_masked_unregularised_maps():
+    """The target compares our unregularised map with cryoDRGN's under the mask (0.5 and 0.143);
+    the unmasked verdict is reported beside it, and our MAP map's scores take no part."""
+    def scores(u05, u0143, m05, m0143):
+        return {"res_truth_05_a": u05, "res_truth_0143_a": u0143,
+                "res_truth_masked_05_a": m05, "res_truth_masked_0143_a": m0143}
+
+    methods = [
+        {"key": "ours", "seconds": 27.0, "own_s": 20.0, **scores(3.54, 2.88, 3.19, 2.63)},
+        {"key": "ours_map", "seconds": None, "own_s": None, **scores(9.0, 9.0, 9.0, 9.0)},
+        {"key": "core", "seconds": None, "own_s": 5.0, **scores(3.5, 2.9, 3.2, 2.6)},
+        {"key": "cryodrgn", "seconds": 35.0, "own_s": 28.0, **scores(3.42, 2.83, 3.23, 2.69)},
+    ]
+    out = timing_summary(methods)
+    assert out["ours_fsc_masked_at_least_as_good"] and not out["ours_fsc_at_least_as_good"]
+    assert out["ratio_cryodrgn_over_ours"] == 1.3 and out["ratio_cryodrgn_own_over_ours_own"] == 1.4
+    assert out["ours_faster"] and out["core_reconstruct_s"] == 5.0 and "masked" in out["fsc_rule"]
+    methods[0] = {**methods[0], "res_truth_masked_0143_a": 2.7}  # worse at 0.143 under the mask only
+    assert not timing_summary(methods)["ours_fsc_masked_at_least_as_good"]
+    assert "ratio_cryodrgn_over_ours" not in timing_summary(methods[:3])  # cryoDRGN absent
 
 
 @pytest.mark.skipif(CRYODRGN is None, reason="cryodrgn not installed (an optional comparison)")
