@@ -30,7 +30,14 @@ from cryoprior.methods.denoiser import (
     read_model_file,
     save_model,
 )
-from cryoprior.methods.training import fit_pairs, load_checkpoint, resolve_device, save_loss_curves
+from cryoprior.methods.training import (
+    dihedral,
+    fit_pairs,
+    load_checkpoint,
+    resolve_device,
+    rotate_images,
+    save_loss_curves,
+)
 from cryoprior.models.cdae import CDAECascade, ConvAEBlock
 from cryoprior.models.dncnn import DnCNN
 from cryoprior.sim.dataset import SimulationConfig, simulate_dataset
@@ -187,7 +194,8 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
         torch.testing.assert_close(v, good[k])
 
 
-def test_resumed_training_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("augment", ["none", "rotate"])
+def test_resumed_training_equals_uninterrupted(tmp_path, augment):
     x, y = normalize(torch.randn(24, 16, 16)), normalize(torch.randn(24, 16, 16))
 
     def run(split: bool):
@@ -195,10 +203,10 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
         model = ConvAEBlock(widths=(4, 4))
         ckpt = tmp_path / f"ck_{split}.pt"
         if split:
-            fit_pairs(model, x, y, epochs=1, batch_size=8, lr=1e-3, checkpoint=ckpt)
+            fit_pairs(model, x, y, epochs=1, batch_size=8, lr=1e-3, checkpoint=ckpt, augment=augment)
             torch.manual_seed(123)
             model = ConvAEBlock(widths=(4, 4))  # a new process: other weights until resumed
-        losses = fit_pairs(model, x, y, epochs=2, batch_size=8, lr=1e-3, checkpoint=ckpt)
+        losses = fit_pairs(model, x, y, epochs=2, batch_size=8, lr=1e-3, checkpoint=ckpt, augment=augment)
         return model, losses
 
     (a, la), (b, lb) = run(False), run(True)
@@ -268,3 +276,32 @@ def test_briefly_trained_cdae_outputs_are_not_collapsed_to_one_image(tmp_path):
     clean = levels[-1]
     spread = float(out.std(dim=0).mean() / clean.std(dim=0).mean())
     assert spread > 0.3, f"outputs collapsed: spread {spread:.3g} of the clean images'"
+
+
+# ------------------------------------------------------------------------------- augmentation
+def test_dihedral_gives_the_eight_symmetries_of_the_square():
+    img = _templates(16)[0]  # no symmetry of its own
+    outs = [dihedral(img, w) for w in range(8)]
+    assert torch.equal(outs[0], img)
+    assert len({tuple(o.flatten().tolist()) for o in outs}) == 8  # all distinct
+    for w in range(8):  # each is a pixel permutation: values and a centred blob's centre kept
+        assert torch.equal(outs[w].flatten().sort().values, img.flatten().sort().values)
+    assert torch.equal(dihedral(dihedral(img, 4), 4), img)  # a mirror undoes itself
+    r = img
+    for _ in range(4):
+        r = dihedral(r, 1)
+    assert torch.equal(r, img)  # four quarter turns
+
+
+def test_rotate_images_turns_an_elongated_blob_about_the_centre():
+    d = 33
+    yy, xx = torch.meshgrid(torch.arange(d) - d // 2, torch.arange(d) - d // 2, indexing="ij")
+    horiz = torch.exp(-(xx**2 / 50 + yy**2 / 4)).float()[None, None]  # (1, 1, d, d), long along x
+    vert = torch.exp(-(yy**2 / 50 + xx**2 / 4)).float()[None, None]
+    torch.testing.assert_close(rotate_images(horiz, torch.zeros(1)), horiz)
+    torch.testing.assert_close(rotate_images(horiz, torch.tensor([math.pi / 2])), vert, atol=1e-5, rtol=0)
+    half = rotate_images(horiz, torch.tensor([math.pi / 4]))[0, 0]
+    diag = torch.stack([half[d // 2 + k, d // 2 + k] for k in (-5, 5)])
+    anti = torch.stack([half[d // 2 + k, d // 2 - k] for k in (-5, 5)])
+    assert float((diag - anti).abs().max()) > 0.3  # 45°: along one diagonal, not the other
+    torch.testing.assert_close(diag[0], diag[1])  # and still centred

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("rmsprop", "adam")
+AUGMENTATIONS = ("none", "dihedral", "rotate")
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -94,12 +95,19 @@ def fit_pairs(
     checkpoint: str | Path | None = None,
     desc: str = "train",
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    augment: str = "none",
 ) -> list[float]:
     """Train ``model`` on ``inputs → targets`` ``(n, 1, d, d)``; return the mean loss per epoch.
 
     The model is moved to ``device`` and left in eval mode. ``inputs``/``targets`` stay where they
     are (CPU is fine); batches are copied to the device. Resumes from ``checkpoint`` if it exists.
+    ``augment`` transforms each input and its target alike: ``"dihedral"``, one random symmetry
+    of the square per batch (rotation by a multiple of 90°, optionally mirrored; pixel noise keeps
+    its statistics exactly); ``"rotate"``, that and a random in-plane rotation per image
+    (bilinear, reflected at the border, which smooths the noise slightly).
     """
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
     if inputs.shape != targets.shape or inputs.dim() != 4 or inputs.shape[1] != 1:
         raise ValueError(
             f"inputs and targets must both be (n, 1, d, d): inputs.shape = {tuple(inputs.shape)} "
@@ -136,6 +144,12 @@ def fit_pairs(
                 idx = order[step * batch_size : (step + 1) * batch_size]
                 x = inputs[idx].to(device).contiguous(memory_format=fmt)  # (b, 1, d, d)
                 y = targets[idx].to(device).contiguous(memory_format=fmt)
+                if augment != "none":
+                    which = int(torch.randint(8, ()))  # seeded per epoch: resumable
+                    x, y = dihedral(x, which), dihedral(y, which)
+                if augment == "rotate":
+                    angles = torch.rand(len(x)) * (math.pi / 2)  # the dihedral step covers the rest
+                    x, y = rotate_images(x, angles), rotate_images(y, angles)
                 loss = loss_fn(model(x), y)
                 if not torch.isfinite(loss):
                     raise _diverged(desc, epoch, step, ckpt)
@@ -156,6 +170,23 @@ def fit_pairs(
             )
     model.to(memory_format=torch.contiguous_format).eval()
     return losses
+
+
+def dihedral(x: torch.Tensor, which: int) -> torch.Tensor:
+    """Symmetry ``which % 8`` of the square applied to images ``(..., d, d)``: rotation by
+    ``(which % 4) · 90°``, mirrored when ``(which // 4) % 2``. ``which = 0`` is the identity."""
+    y = torch.rot90(x, which % 4, dims=(-2, -1))
+    return y.flip(-1) if (which // 4) % 2 else y
+
+
+def rotate_images(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Images ``(b, c, h, w)`` rotated about their centre by ``angles`` ``(b,)`` (radians,
+    bilinear, reflection at the border)."""
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)  # (b, 2, 3)
+    grid = nn.functional.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def _diverged(desc: str, epoch: int, step: int, ckpt: Path | None) -> TrainingDivergedError:
