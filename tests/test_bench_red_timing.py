@@ -2,6 +2,7 @@
 count, the like-for-like FSC verdict, and (when cryoDRGN is installed) that cryoDRGN reads our
 STAR with our conventions."""
 
+import importlib.util
 import os
 import pickle
 import shutil
@@ -23,7 +24,7 @@ from cryoprior.pipelines.bench_red import (
 from cryoprior.pipelines.reconstruct import _ctf, _poses
 from cryoprior.sim.structures import load_volume, recommended_pixel_size_a
 
-CRYODRGN = shutil.which("cryodrgn")
+CRYODRGN = shutil.which("cryodrgn") if importlib.util.find_spec("cryodrgn") is not None else None  # command and module
 
 
 @pytest.mark.parametrize("box", [24, 25])
