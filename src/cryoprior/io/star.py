@@ -42,13 +42,7 @@ def read_star(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     table, or the table has no ``rlnImageName`` column.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError("file not found", path)
-    try:
-        blocks = starfile.read(path, always_dict=True)
-    except Exception as exc:  # starfile/pandas raise many types on malformed text
-        raise InputError(f"not a readable STAR file ({type(exc).__name__}: {exc})", path) from exc
-    tables = {name: _as_frame(block) for name, block in blocks.items()}
+    tables = {name: _as_frame(block) for name, block in read_blocks(path).items()}
     particles = next((tables[b] for b in _PARTICLE_BLOCKS if b in tables), None)
     if particles is None:
         particles = next(
@@ -65,6 +59,18 @@ def read_star(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     particles = particles.reset_index(drop=True)
     particles.name = None  # starfile attaches the block name; keep the frame plain
     return particles, None if optics is None else optics.reset_index(drop=True)
+
+
+def read_blocks(path: str | Path) -> dict:
+    """Every data block of a STAR file, by name (``starfile.read``: a DataFrame per loop, a dict
+    per key-value block); ``InputError`` naming ``path`` when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", path)
+    try:
+        return starfile.read(path, always_dict=True)
+    except Exception as exc:  # starfile/pandas raise many types on malformed text
+        raise InputError(f"not a readable STAR file ({type(exc).__name__}: {exc})", path) from exc
 
 
 def _as_frame(block: pd.DataFrame | dict) -> pd.DataFrame:

@@ -42,13 +42,13 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pandas as pd
-import starfile
 import torch
 
 from cryoprior.core.fsc import resolution_at
 from cryoprior.errors import InputError
 from cryoprior.fileutil import atomic_path
 from cryoprior.io.mrc import write_map
+from cryoprior.io.star import read_blocks
 from cryoprior.methods.red import (
     PRIORS,
     Accumulator,
@@ -173,12 +173,7 @@ def _resolve(name: str, star: Path) -> Path:
 def read_job(star: str | Path) -> ExternalJob:
     """Parse ``<root>_external_reconstruct.star``; ``InputError`` naming the file when malformed."""
     star = Path(star)
-    if not star.is_file():
-        raise InputError("file not found", star)
-    try:
-        blocks = starfile.read(star, always_dict=True)
-    except Exception as exc:  # starfile/pandas raise many types on malformed text
-        raise InputError(f"not a readable STAR file ({type(exc).__name__}: {exc})", star) from exc
+    blocks = read_blocks(star)
     if GENERAL not in blocks or TAU2 not in blocks:
         found = ", ".join(f"data_{b}" for b in blocks) or "none"
         raise InputError(f"need blocks data_{GENERAL} and data_{TAU2}; found {found}", star)
