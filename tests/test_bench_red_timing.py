@@ -14,11 +14,11 @@ import torch
 from cryoprior.core.fsc import fsc
 from cryoprior.core.projection import slice_coordinates
 from cryoprior.io.stack import ParticleStack
-from cryoprior.pipelines.bench_red import (
-    _simulate,
+from cryoprior.pipelines.bench_red import target_cases
+from cryoprior.pipelines.bench_red_timing import (
     align_to_truth,
     cryodrgn_inputs,
-    target_cases,
+    simulate_heldout,
     timing_summary,
 )
 from cryoprior.pipelines.reconstruct import _ctf, _poses
@@ -86,7 +86,7 @@ def test_cryodrgn_reads_our_star_with_our_slices_shifts_and_ctf(tmp_path):
     offset in pixels, and cryoDRGN's CTF of each particle is ours (up to its sign convention) on
     the same frequencies."""
     box, n = 32, 24
-    star = _simulate(tmp_path, "1ake", box, recommended_pixel_size_a("1ake", box), n, 1.0, 0) / "particles.star"
+    star = simulate_heldout(tmp_path, "1ake", box, recommended_pixel_size_a("1ake", box), n, 1.0, 0) / "particles.star"
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     poses_pkl, ctf_pkl = cryodrgn_inputs(CRYODRGN, star, tmp_path, env)
     with open(poses_pkl, "rb") as fh:
