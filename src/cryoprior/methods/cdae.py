@@ -24,15 +24,16 @@
    outputs compounds over the blocks like repeated diffusion on the k-NN graph and merges
    similar views; averaging the raw images (30 of them: SNR ×30) does not. Measured with
    ``bench cdae``'s protocol (pre-trained on 1HVR, 4 views × 250 at SNR 0.1, 64 px, 1 thread),
-   k-means F1 after the cascade, 1OR4 / 1PWC: "output" 0.686 / 0.958, "raw" with
+   k-means F1 after a three-module cascade, 1OR4 / 1PWC: "output" 0.686 / 0.958, "raw" with
    dihedral augmentation 0.774 / 0.976; PSNR 24.1 / 22.3 dB against 19.6 / 17.9 dB for the
    low-pass baseline. Fine-tuning uses its own learning rate ``finetune_lr`` (3e-4): RMSprop's
    first steps move every weight by ~10× the learning rate, and at the pre-training 1e-3 a short
    fine-tuning (200 images, 1 epoch) left the output below the noisy input's PSNR (8.7 vs
-   10.1 dB; 17.8 dB at 3e-4). Block 3 still merges the three 1OR4 views whose clean images correlate at 0.87–0.90
-   (after block 2: F1 0.96); neither wider blocks (16-32-64), residual blocks (no denoising:
-   the 8× pooled bottleneck cannot carry pixel noise), arbitrary-angle augmentation, cascade
-   pre-training inputs, fewer pre-training epochs nor k = 10 changed that.
+   10.1 dB; 17.8 dB at 3e-4). With the paper's three encoder modules, block 3 still merged the
+   three 1OR4 views whose clean images correlate at 0.87–0.90 (after block 2: F1 0.96), and
+   neither wider blocks (16-32-64), residual blocks (no denoising: the 8× pooled bottleneck
+   cannot carry pixel noise), arbitrary-angle augmentation, cascade pre-training inputs, fewer
+   pre-training epochs nor k = 10 changed that; the receptive field did.
    **Receptive field.** The cause: a block whose receptive field spans the particle learns,
    from pre-training pairs of four views of one structure, to *recognise* the view and output its
    template (at SNR 0.4 and above the view is easy to tell), and then snaps another structure's
