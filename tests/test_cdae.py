@@ -42,15 +42,7 @@ from cryoprior.models.cdae import CDAECascade, ConvAEBlock
 from cryoprior.models.dncnn import DnCNN
 from cryoprior.sim.dataset import SimulationConfig, simulate_dataset
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny convolutions: one intra-op thread is as fast on an idle CPU and avoids OpenMP
-    spin-waiting when the cores are shared (2 threads ran these tests ~5-9x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def _templates(d: int = 32) -> torch.Tensor:

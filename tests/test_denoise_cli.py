@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from cryoprior.cli.main import main
 from cryoprior.io.stack import ParticleStack
@@ -20,14 +19,7 @@ FAST = ["--pretrain-epochs", "5", "--batch-size", "16", "--finetune-epochs", "1"
         "--knn-k", "10", "--widths", "8", "16", "16", "--dncnn-depth", "3", "--dncnn-width", "4", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny convolutions: one intra-op thread is as fast on an idle CPU and avoids OpenMP
-    spin-waiting when the cores are shared (2 threads ran these tests ~5-9x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

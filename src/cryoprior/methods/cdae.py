@@ -99,6 +99,9 @@ from cryoprior.models.cdae import CDAECascade, ConvAEBlock
 
 log = logging.getLogger(__name__)
 
+KNN_FEATURES = ("output", "input")  # where fine-tuning finds each image's neighbours
+KNN_VALUES = ("output", "input", "raw")  # what it averages over them into the target
+
 __all__ = [
     "CDAEConfig",
     "denoise_images",
@@ -157,11 +160,11 @@ class CDAEConfig:
         default="euclidean", metadata={"choices": list(KNN_METRICS), "help": "k-NN distance"}
     )
     knn_features: str = field(
-        default="output", metadata={"choices": ["output", "input"], "help": "fine-tuning: find each image's "
+        default="output", metadata={"choices": list(KNN_FEATURES), "help": "fine-tuning: find each image's "
                                     "neighbours among the block's outputs or among its inputs"},
     )
     knn_values: str = field(
-        default="raw", metadata={"choices": ["output", "input", "raw"], "help": "fine-tuning: average the "
+        default="raw", metadata={"choices": list(KNN_VALUES), "help": "fine-tuning: average the "
                                     "neighbours' block outputs, block inputs or raw images into the target"},
     )
     knn_pca_dims: int = field(default=64, metadata={"help": "PCA dimensions before k-NN (0: none)"})
@@ -187,8 +190,8 @@ class CDAEConfig:
             ("pretrain_inputs", self.pretrain_inputs, ("pairs", "cascade")),
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("knn_metric", self.knn_metric, KNN_METRICS),
-            ("knn_features", self.knn_features, ("output", "input")),
-            ("knn_values", self.knn_values, ("output", "input", "raw")),
+            ("knn_features", self.knn_features, KNN_FEATURES),
+            ("knn_values", self.knn_values, KNN_VALUES),
             ("augment", self.augment, AUGMENTATIONS),
             ("precision", self.precision, PRECISIONS),
         ]:
