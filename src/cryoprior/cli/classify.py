@@ -1,10 +1,11 @@
 """Classify particle images into K classes without references (2D, unsupervised).
 
 Images are normalised per image (zero mean, unit variance), then clustered on their pixels
-(kmeans, hc = Ward, bsk = balanced sizes), on an embedding (pca-kmeans, isomap-kmeans, cae-kmeans)
-or after CDAE denoising (cdae-kmeans, cdae-hc: --model RUN_DIR, or trained here from data
-simulated from --pretrain-structure). Writes OUT/particles.star (input rows + rlnClassNumber,
-class 1 the largest), class_averages.mrcs/.star (raw-image averages), config.yaml, and
+(kmeans, hc = Ward, bsk = balanced sizes), up to in-plane rotation (align-kmeans: angles in
+cpInplaneAngleDeg, averages of the aligned images), on an embedding (pca-kmeans, isomap-kmeans,
+cae-kmeans) or after CDAE denoising (cdae-kmeans, cdae-hc, cdae-align-kmeans: --model RUN_DIR, or
+trained here from data simulated from --pretrain-structure). Writes OUT/particles.star (input rows
++ rlnClassNumber, class 1 the largest), class_averages.mrcs/.star (raw-image averages), config.yaml, and
 metrics.json (F1, accuracy, NMI, ARI) when the input carries cpViewLabel/cpConformationLabel.
 
 example:

@@ -1,4 +1,5 @@
-"""Clustering of particle images: k-means++, Ward, PCA/Isomap embeddings, BSK-means++, k-NN, averages.
+"""Clustering of particle images: k-means++, Ward, PCA/Isomap embeddings, BSK-means++, k-means with
+in-plane alignment, k-NN, averages.
 
 >>> labels = cluster(images, k=4, method="pca-kmeans", seed=0)     # doctest: +SKIP
 >>> averages = class_averages(images, labels, 4)                    # (4, d, d)
@@ -10,10 +11,12 @@ as ``cryoprior classify`` does.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
 
+from cryoprior.cluster.align import align_kmeans
 from cryoprior.cluster.averages import averages_from_sums, class_averages, class_sums
 from cryoprior.cluster.bsk import balanced_assignment, bsk_means, reliable_mask
 from cryoprior.cluster.embed import isomap, pca
@@ -43,6 +46,13 @@ def _bsk(x, k, seed, n_init=3, max_iter=100):
     return bsk_means(x, k, seed, n_init=n_init, max_iter=max_iter)[0]
 
 
+def _align_kmeans(x, k, seed, n_angles=36, n_init=3):
+    d = math.isqrt(x.shape[1])
+    if d * d != x.shape[1]:
+        raise ValueError(f"align-kmeans needs square images, got rows of {x.shape[1]} values")
+    return align_kmeans(x.reshape(len(x), d, d), k, seed, n_angles=n_angles, n_init=n_init)[0]
+
+
 #: method name -> function(x, k, seed, **kw) -> labels
 METHODS: dict[str, Callable[..., np.ndarray]] = {
     "kmeans": _kmeans,
@@ -50,6 +60,7 @@ METHODS: dict[str, Callable[..., np.ndarray]] = {
     "pca-kmeans": _pca_kmeans,
     "isomap-kmeans": _isomap_kmeans,
     "bsk": _bsk,
+    "align-kmeans": _align_kmeans,
 }
 
 
@@ -65,7 +76,9 @@ def cluster(x, k: int, method: str, seed: int = 0, **kw) -> np.ndarray:
     - ``"isomap-kmeans"``: k-means on a ``n_components`` (10) Isomap embedding built on a
       ``n_neighbors`` (10) graph after PCA to ``pca_components`` (50)
       [n_components, n_neighbors, pca_components, n_init];
-    - ``"bsk"``: Balanced-Size k-means++, clusters of equal size (±1) [n_init, max_iter].
+    - ``"bsk"``: Balanced-Size k-means++, clusters of equal size (±1) [n_init, max_iter];
+    - ``"align-kmeans"``: k-means up to in-plane rotation, rows read as square images
+      (``cluster.align``) [n_angles, n_init].
 
     Deterministic for a given ``seed``.
     """
@@ -78,6 +91,7 @@ def cluster(x, k: int, method: str, seed: int = 0, **kw) -> np.ndarray:
 
 __all__ = [
     "METHODS",
+    "align_kmeans",
     "as_features",
     "averages_from_sums",
     "balanced_assignment",

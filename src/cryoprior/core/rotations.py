@@ -108,3 +108,14 @@ def viewing_direction_distance_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Te
     """Angle (degrees) between projection directions (third rows of A), ignoring in-plane psi."""
     cos = (a[..., 2, :] * b[..., 2, :]).sum(-1)
     return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+
+
+def rotate_images(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Images ``(b, c, h, w)`` rotated in-plane about their centre by ``angles`` ``(b,)`` (radians,
+    bilinear, reflection at the border); ``angles`` then ``-angles`` gives the image back, up to
+    interpolation."""
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)  # (b, 2, 3)
+    grid = torch.nn.functional.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

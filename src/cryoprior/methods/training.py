@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cryoprior.core.rotations import rotate_images
 from cryoprior.errors import InputError, TrainingDivergedError
 from cryoprior.fileutil import atomic_path
 from cryoprior.progress import bar
@@ -177,16 +178,6 @@ def dihedral(x: torch.Tensor, which: int) -> torch.Tensor:
     ``(which % 4) · 90°``, mirrored when ``(which // 4) % 2``. ``which = 0`` is the identity."""
     y = torch.rot90(x, which % 4, dims=(-2, -1))
     return y.flip(-1) if (which // 4) % 2 else y
-
-
-def rotate_images(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Images ``(b, c, h, w)`` rotated about their centre by ``angles`` ``(b,)`` (radians,
-    bilinear, reflection at the border)."""
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    zero = torch.zeros_like(cos)
-    theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)  # (b, 2, 3)
-    grid = nn.functional.affine_grid(theta.to(x), list(x.shape), align_corners=False)
-    return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def _diverged(desc: str, epoch: int, step: int, ckpt: Path | None) -> TrainingDivergedError:

@@ -3,13 +3,14 @@
 Four structures of similar size (max. radius 31–32 Å, radius of gyration 16.5–19 Å):
 pre-train CDAE (and DnCNN) on ``PRETRAIN`` (4 SNR levels × 4 views × n images), then for each
 of the three others and each setting of the grid (SNR 0.1 as in the paper; the harder SNR 0.05
-and 0.01; SNR 0.1 with random in-plane rotations) simulate 4 views × n noisy images and
+and 0.01; SNR 0.1 and 0.05 with random in-plane rotations) simulate 4 views × n noisy images and
 
 - Table 1: PSNR (dB; both images normalised per image, see ``methods.cdae_ops``) of every
   denoiser, with and without histogram equalisation: CDAE (fine-tuned on the test images),
   single DAE, DnCNN and the classical baselines of ``cryoprior.baselines``;
 - Table 2: macro F1 / precision / recall of clustering into the 4 views: raw images, every
-  denoiser's output (k-means; CDAE also with Ward HC and after equalisation), and the oracle
+  denoiser's output (k-means; CDAE also with Ward HC and after equalisation; with in-plane
+  rotations also k-means up to rotation, ``align-kmeans``, on every image set), and the oracle
   ceiling (each image given the view of the most correlated clean image of its volume).
 
 Speed: CDAE inference images/s at the test size, against DnCNN and the un-optimised model
@@ -52,6 +53,7 @@ SETTINGS: dict[str, tuple[float, bool]] = {
     "snr0.05": (0.05, False),
     "snr0.01": (0.01, False),
     "snr0.1-inplane": (0.1, True),
+    "snr0.05-inplane": (0.05, True),
 }
 FULL = {"cdae": CDAEConfig(), "dncnn": DnCNNConfig()}
 QUICK = {
@@ -112,7 +114,7 @@ def inference_speed(models: dict, box: int, device: torch.device, n: int = 2048,
     return out
 
 
-def _evaluate(stack: ParticleStack, cascade, dncnn, cfg: CDAEConfig, device, seed: int) -> dict:
+def _evaluate(stack: ParticleStack, cascade, dncnn, cfg: CDAEConfig, device, seed: int, inplane: bool = False) -> dict:
     noisy = stack.images()
     clean = stack.read_image_column("cpCleanImageName")
     labels = stack.column("cpViewLabel").astype(np.int64)
@@ -138,6 +140,8 @@ def _evaluate(stack: ParticleStack, cascade, dncnn, cfg: CDAEConfig, device, see
             ("cdae+he", "kmeans"), ("cdae+he", "hc"), ("cdae-pretrained-only", "kmeans"),
             ("single-dae", "kmeans"), ("single-dae+he", "kmeans"), ("dncnn", "kmeans"), ("dncnn+he", "kmeans")]
     runs += [(name, "kmeans") for name in baselines.available()]
+    if inplane:  # rotated views: also k-means up to in-plane rotation, on every image set
+        runs += [(name, "align-kmeans") for name in ("raw", "cdae", "single-dae", "dncnn", *baselines.available())]
     for name, method in runs:
         base, he = name.removesuffix("+he"), name.endswith("+he")
         img = histogram_equalize(outputs[base]) if he else outputs[base]
@@ -209,7 +213,7 @@ def run(
         for i, (setting, structure) in enumerate(progress(jobs, "bench cdae")):
             snr, inplane = SETTINGS[setting]
             stack = _simulate(structure, VIEWS * n, box, snr, inplane, seed + 10 + i, work / f"{setting}_{structure}")
-            grid.setdefault(setting, {})[structure] = _evaluate(stack, cascade, dncnn, cfg, dev, seed)
+            grid.setdefault(setting, {})[structure] = _evaluate(stack, cascade, dncnn, cfg, dev, seed, inplane)
     result = {
         "n_per_view": n, "n_pretrain_per_view": n_pretrain, "box": box, "views": VIEWS, "quick": quick, "device": str(dev),
         "threads": torch.get_num_threads(), "machine": platform.machine(),

@@ -6,8 +6,13 @@ classes follow the shape of the signal, not its scale. Then, by ``method``:
 
 - ``kmeans``, ``hc`` (Ward), ``bsk`` (Balanced-Size k-means++): on the pixels;
 - ``pca-kmeans``, ``isomap-kmeans``: k-means on a PCA / Isomap embedding of the pixels;
+- ``align-kmeans``: k-means up to in-plane rotation (``cluster.align``: each image compared with
+  each class average at 36 in-plane angles, as 2D classification in RELION aligns particles;
+  no shifts); the particles' best angles are written as ``cpInplaneAngleDeg`` and the class
+  averages are of the images rotated back by them;
 - ``cae-kmeans``: k-means on the codes of a convolutional autoencoder trained on the stack;
-- ``cdae-kmeans``, ``cdae-hc``: k-means / Ward on images denoised by a CDAE cascade, either a
+- ``cdae-kmeans``, ``cdae-hc``, ``cdae-align-kmeans``: k-means / Ward / aligned k-means on images
+  denoised by a CDAE cascade (the class averages are of the raw images), either a
   trained one (``model``, a run folder) or one trained here (kept in ``cdae/``) on data simulated
   from ``pretrain_structure``: 4 views at the SNR ladder of ``CDAEConfig.pretrain_snrs`` (0.1,
   0.4, 0.6, clean), the input's box and pixel size, and a seed of its own (``seed + 104729``),
@@ -34,11 +39,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cryoprior.cluster import class_sums, cluster
+from cryoprior.cluster import align_kmeans, class_sums, cluster
 from cryoprior.cluster.averages import averages_from_sums
 from cryoprior.config import write_run_config
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores
+from cryoprior.core.rotations import rotate_images
 from cryoprior.errors import InputError, OutputExistsError
 from cryoprior.fileutil import atomic_dir
 from cryoprior.io.mrc import write_mrcs
@@ -48,7 +54,9 @@ from cryoprior.methods.training import resolve_device
 
 log = logging.getLogger(__name__)
 
-METHODS = ("kmeans", "hc", "pca-kmeans", "isomap-kmeans", "bsk", "cae-kmeans", "cdae-kmeans", "cdae-hc")
+METHODS = ("kmeans", "hc", "pca-kmeans", "isomap-kmeans", "bsk", "align-kmeans", "cae-kmeans", "cdae-kmeans",
+           "cdae-hc", "cdae-align-kmeans")
+ANGLE_COLUMN = "cpInplaneAngleDeg"  # align-kmeans: rotating the image by minus this aligns it with its class
 TRUTH_COLUMNS = ("cpViewLabel", "cpConformationLabel")
 PRETRAIN_VIEWS = 4
 #: pre-training data get their own random stream (views, noise), never a target's simulated with --seed
@@ -155,8 +163,9 @@ def _cdae_features(images: np.ndarray, stack: ParticleStack, config: ClassifyCon
 def classify_images(
     images: np.ndarray, config: ClassifyConfig, device: torch.device | str = "cpu",
     stack: ParticleStack | None = None, work: Path | None = None,
-) -> np.ndarray:
-    """Labels ``(n,)`` in ``0..K-1`` (class 0 the largest) of normalised images ``(n, d, d)``.
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Labels ``(n,)`` in ``0..K-1`` (class 0 the largest) of normalised images ``(n, d, d)``,
+    and the in-plane angles ``(n,)`` in radians of the ``*align-kmeans`` methods (else None).
 
     ``stack`` and ``work`` (a folder for the CDAE run) are needed by ``cdae-*`` without a model.
     """
@@ -164,8 +173,11 @@ def classify_images(
     if method.startswith("cdae-"):
         if config.model is None and (stack is None or work is None):
             raise ValueError("cdae-* without a model needs the stack and a work folder")
-        feats = _cdae_features(images, stack, config, device, work)  # type: ignore[arg-type]
-        labels = cluster(feats, k, "kmeans" if method == "cdae-kmeans" else "hc", seed)
+        images = _cdae_features(images, stack, config, device, work)  # type: ignore[arg-type]
+        method = method.removeprefix("cdae-")
+    angles = None
+    if method == "align-kmeans":
+        labels, angles, _ = align_kmeans(images, k, seed)
     elif method == "cae-kmeans":
         from cryoprior.methods.cae import CAEConfig, cae_embed
 
@@ -177,9 +189,9 @@ def classify_images(
         labels = cluster(
             images, k, method, seed, n_components=config.isomap_components, n_neighbors=config.isomap_neighbors
         )
-    else:
+    else:  # kmeans, hc, bsk
         labels = cluster(images, k, method, seed)
-    return order_by_size(labels, k)
+    return order_by_size(labels, k), angles
 
 
 def rebased_table(stack: ParticleStack, new_dir: Path) -> pd.DataFrame:
@@ -199,13 +211,19 @@ def rebased_table(stack: ParticleStack, new_dir: Path) -> pd.DataFrame:
     return table
 
 
-def _write_outputs(tmp: Path, out: Path, stack: ParticleStack, labels: np.ndarray, k: int) -> list[int]:
+def _write_outputs(tmp: Path, out: Path, stack: ParticleStack, labels: np.ndarray, k: int,
+                   angles: np.ndarray | None = None) -> list[int]:
     table = rebased_table(stack, out.absolute())
     table["rlnClassNumber"] = labels + 1
+    if angles is not None:
+        table[ANGLE_COLUMN] = np.round(np.rad2deg(angles), 3)
     write_star(tmp / "particles.star", table, stack.optics, pixel_size_a=stack.pixel_size_a, box=stack.box)
     sums = np.zeros((k, stack.box, stack.box))
     counts = np.zeros(k, dtype=np.int64)
     for start, raw in stack.chunks(4096):
+        if angles is not None:  # rotated back into their class average's frame
+            turn = torch.from_numpy(angles[start : start + len(raw)]).float()
+            raw = rotate_images(torch.from_numpy(raw)[:, None].float(), -turn)[:, 0].numpy()
         s, c = class_sums(raw, labels[start : start + len(raw)], k)
         sums, counts = sums + s, counts + c
     write_mrcs(tmp / "class_averages.mrcs", averages_from_sums(sums, counts), stack.pixel_size_a)
@@ -242,9 +260,9 @@ def run_classify(
     t0 = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         images = normalized_images(stack, config.mask_radius_px)
-        labels = classify_images(images, config, device, stack, tmp)
+        labels, angles = classify_images(images, config, device, stack, tmp)
         del images
-        sizes = _write_outputs(tmp, out, stack, labels, config.classes)
+        sizes = _write_outputs(tmp, out, stack, labels, config.classes, angles)
         seconds = round(time.perf_counter() - t0, 2)
         metrics = None
         if truth is not None:
