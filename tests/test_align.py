@@ -11,6 +11,7 @@ import torch
 
 from cryoprior.cli import main as cli
 from cryoprior.cluster import align_kmeans, cluster
+from cryoprior.cluster.align import _costs, _mask, _rotations
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores
 from cryoprior.core.rotations import rotate_images
@@ -27,6 +28,21 @@ def rotated(tmp_path_factory):
     out = tmp_path_factory.mktemp("rotated") / "sim"
     simulate_dataset(SimulationConfig(box=32, n=400, views=4, inplane=True, snr=1.0, seed=0), out)
     return out / "particles.star"
+
+
+@pytest.fixture(scope="module")
+def rotated_shifted(tmp_path_factory):
+    """As ``rotated``, each particle also off centre by up to 3 px per axis."""
+    out = tmp_path_factory.mktemp("shifted") / "sim"
+    simulate_dataset(SimulationConfig(box=32, pixel_size_a=2.0, n=400, views=4, inplane=True, shift_a=6.0, snr=1.0,
+                                      seed=1), out)
+    return out / "particles.star"
+
+
+def _blob(d: int = 32) -> torch.Tensor:
+    """An asymmetric test image: an off-centre blob and a half bar."""
+    y, x = torch.meshgrid(torch.arange(d) - 15.5, torch.arange(d) - 15.5, indexing="ij")
+    return torch.exp(-((x - 6) ** 2 + (y - 2) ** 2) / 8) + torch.exp(-(x**2) / 4 - (y / 6) ** 2) * (y > -2)
 
 
 def _circular_error_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -46,11 +62,10 @@ def test_angles_are_the_rotations_up_to_one_offset():
     # one asymmetric image (an off-centre blob and a bar) at known angles: one class whose
     # recovered angles are the true ones plus a common offset, within the 10-degree sampling
     d = 32
-    y, x = torch.meshgrid(torch.arange(d) - 15.5, torch.arange(d) - 15.5, indexing="ij")
-    image = torch.exp(-((x - 6) ** 2 + (y - 2) ** 2) / 8) + torch.exp(-(x**2) / 4 - (y / 6) ** 2) * (y > -2)
+    image = _blob(d)
     true = torch.rand(60, generator=torch.Generator().manual_seed(0)) * 2 * math.pi
     images = rotate_images(image.expand(60, 1, d, d).contiguous(), true)[:, 0]
-    labels, angles, averages = align_kmeans(images.numpy(), 1, seed=0)
+    labels, angles, _, averages = align_kmeans(images.numpy(), 1, seed=0)
     assert (labels == 0).all()
     offset = np.angle(np.exp(1j * (angles - true.numpy())).mean())
     assert _circular_error_deg(angles - offset, true.numpy()).max() < 5 + 1e-6
@@ -70,19 +85,55 @@ def test_align_kmeans_is_deterministic_and_checks_its_input(rotated):
         align_kmeans(images, 81)
 
 
-def test_classify_align_kmeans_writes_angles_and_aligned_averages(rotated, tmp_path, monkeypatch):
+def test_classify_align_kmeans_writes_poses_and_aligned_averages(rotated_shifted, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "COMMANDS", {"classify": "classify"})
     out = tmp_path / "run"
-    assert cli.main(["-q", "classify", str(rotated), "--classes", "4", "--method", "align-kmeans", "--out", str(out)]) == 0
+    argv = [str(rotated_shifted), "--classes", "4", "--method", "align-kmeans", "--max-shift", "3", "--out", str(out)]
+    assert cli.main(["-q", "classify", *argv]) == 0
     assert json.loads((out / "metrics.json").read_text())["f1"] > 0.95
     res = ParticleStack.from_file(out / "particles.star")
     labels = res.column("rlnClassNumber") - 1
     angles = np.deg2rad(res.column("cpInplaneAngleDeg").astype(np.float64))
-    clean = torch.from_numpy(res.read_image_column("cpCleanImageName"))[:, None]
-    back = rotate_images(clean, -torch.from_numpy(angles).float())[:, 0].numpy()
+    dx, dy = res.column("cpAlignShiftXPx").astype(int), res.column("cpAlignShiftYPx").astype(int)
+    clean = res.read_image_column("cpCleanImageName")
+    centred = np.stack([np.roll(im, (-b, -a), axis=(0, 1)) for im, a, b in zip(clean, dx, dy)])
+    back = rotate_images(torch.from_numpy(centred)[:, None], -torch.from_numpy(angles).float())[:, 0].numpy()
     averages, _ = read_mrc(out / "class_averages.mrcs")
     for j in range(4):  # each average is its members rotated into one frame, not a rotational blur
         members = labels == j
         aligned = np.corrcoef(averages[j].ravel(), back[members].mean(0).ravel())[0, 1]
-        blurred = np.corrcoef(averages[j].ravel(), clean[members, 0].numpy().mean(0).ravel())[0, 1]
+        blurred = np.corrcoef(averages[j].ravel(), clean[members].mean(0).ravel())[0, 1]
         assert aligned > 0.99 and 1 - aligned < (1 - blurred) / 5
+
+
+def test_fft_costs_equal_explicit_shifts():
+    # batched FFT cross-correlation == the distance to each rolled, rotated centre computed one by one
+    gen = torch.Generator().manual_seed(0)
+    x, centres = torch.randn(5, 16, 16, generator=gen), torch.randn(2, 16, 16, generator=gen)
+    angles = torch.tensor([0.0, 1.0, 2.5])
+    mask = _mask(16)
+    cost, rot, shift = _costs(x, centres, angles, mask, max_shift=2, chunk=2)
+    t = _rotations(centres, angles) * mask
+    for i in range(5):
+        for c in range(2):
+            d2 = {(r, dx, dy): float(((x[i] - torch.roll(t[c, r], (dy, dx), dims=(0, 1))) ** 2).sum())
+                  for r in range(3) for dx in range(-2, 3) for dy in range(-2, 3)}
+            (r, dx, dy), best = min(d2.items(), key=lambda kv: kv[1])
+            assert cost[i, c].item() == pytest.approx(best, rel=1e-4)
+            assert (rot[i, c].item(), *shift[i, c].tolist()) == (r, dx, dy)
+
+
+def test_shifts_are_recovered_up_to_one_offset():
+    true = torch.randint(-3, 4, (40, 2), generator=torch.Generator().manual_seed(1))
+    images = torch.stack([torch.roll(_blob(), (int(dy), int(dx)), dims=(0, 1)) for dx, dy in true.tolist()])
+    labels, _, shifts, _ = align_kmeans(images.numpy(), 1, n_angles=1, max_shift=6, seed=0)
+    offset = shifts - true.numpy()
+    assert (labels == 0).all() and (offset == offset[0]).all()
+
+
+def test_shifted_rotated_views_need_the_shift_search(rotated_shifted):
+    stack = ParticleStack.from_file(rotated_shifted)
+    x = normalize_images(torch.from_numpy(stack.images())).numpy()
+    truth = stack.column("cpViewLabel").astype(np.int64)
+    f1 = {m: classification_scores(truth, cluster(x, 4, "align-kmeans", seed=0, max_shift=m))["f1"] for m in (0, 3)}
+    assert f1[3] > 0.95 and f1[3] > f1[0] + 0.1

@@ -1,8 +1,8 @@
 """Classify particle images into K classes without references (2D, unsupervised).
 
 Images are normalised per image (zero mean, unit variance), then clustered on their pixels
-(kmeans, hc = Ward, bsk = balanced sizes), up to in-plane rotation (align-kmeans: angles in
-cpInplaneAngleDeg, averages of the aligned images), on an embedding (pca-kmeans, isomap-kmeans,
+(kmeans, hc = Ward, bsk = balanced sizes), up to in-plane rotation and --max-shift translation
+(align-kmeans: poses in cpInplaneAngleDeg, cpAlignShiftXPx/YPx; averages of the aligned images), on an embedding (pca-kmeans, isomap-kmeans,
 cae-kmeans) or after CDAE denoising (cdae-kmeans, cdae-hc, cdae-align-kmeans: --model RUN_DIR, or
 trained here from data simulated from --pretrain-structure). Writes OUT/particles.star (input rows
 + rlnClassNumber, class 1 the largest), class_averages.mrcs/.star (raw-image averages), config.yaml, and
@@ -12,6 +12,7 @@ example:
   cryoprior classify sim/particles.star --classes 4 --method pca-kmeans --out classes/
   cryoprior classify particles.star --classes 10 --method cdae-kmeans --model cdae_run/ --out c10/
   cryoprior classify particles.star --classes 4 --method cdae-hc --pretrain-structure 1ake --out c4/
+  cryoprior classify particles.star --classes 20 --method align-kmeans --max-shift 3 --out c20/
 """
 
 from __future__ import annotations

@@ -46,11 +46,11 @@ def _bsk(x, k, seed, n_init=3, max_iter=100):
     return bsk_means(x, k, seed, n_init=n_init, max_iter=max_iter)[0]
 
 
-def _align_kmeans(x, k, seed, n_angles=36, n_init=3):
+def _align_kmeans(x, k, seed, n_angles=36, max_shift=0, n_init=3):
     d = math.isqrt(x.shape[1])
     if d * d != x.shape[1]:
         raise ValueError(f"align-kmeans needs square images, got rows of {x.shape[1]} values")
-    return align_kmeans(x.reshape(len(x), d, d), k, seed, n_angles=n_angles, n_init=n_init)[0]
+    return align_kmeans(x.reshape(len(x), d, d), k, seed, n_angles=n_angles, max_shift=max_shift, n_init=n_init)[0]
 
 
 #: method name -> function(x, k, seed, **kw) -> labels
@@ -78,7 +78,7 @@ def cluster(x, k: int, method: str, seed: int = 0, **kw) -> np.ndarray:
       [n_components, n_neighbors, pca_components, n_init];
     - ``"bsk"``: Balanced-Size k-means++, clusters of equal size (±1) [n_init, max_iter];
     - ``"align-kmeans"``: k-means up to in-plane rotation, rows read as square images
-      (``cluster.align``) [n_angles, n_init].
+      (``cluster.align``) [n_angles, max_shift, n_init].
 
     Deterministic for a given ``seed``.
     """

@@ -3,12 +3,13 @@
 Plain k-means compares images pixel by pixel, so two particles in the same view but at different
 in-plane angles look as different as two views; RELION's and cryoSPARC's 2D classification align
 every particle to every class average instead. ``align_kmeans`` does the hard-assignment version
-of that (no shifts, no CTF): the distance of an image to a class is the smallest squared distance
-to the class average rotated through ``n_angles`` in-plane angles; each average is the mean of its
-images rotated back by their best angle. Images and averages are seen through a soft circular
-mask, so that rotation moves no pixel in or out of the compared region.
+of that (no CTF): the distance of an image to a class is the smallest squared distance to the
+class average rotated through ``n_angles`` in-plane angles (and, with ``max_shift``, moved by every
+integer shift up to that many pixels, by FFT cross-correlation); each average is the mean of its
+images moved and rotated back by their best shift and angle. Images and averages are seen
+through a soft circular mask, so that rotation moves no pixel in or out of the compared region.
 
->>> labels, angles, averages = align_kmeans(images, k=4, seed=0)   # doctest: +SKIP
+>>> labels, angles, shifts, averages = align_kmeans(images, k=4, max_shift=3, seed=0)   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -40,27 +41,79 @@ def _rotations(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return rotate_images(rep, angles.repeat(k)).reshape(k, r, d, d)
 
 
-def _costs(x: torch.Tensor, centres: torch.Tensor, angles: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Squared distances ``(n, k, R)`` of masked images ``x`` ``(n, d*d)`` to every rotated centre."""
-    t = (_rotations(centres, angles) * mask).flatten(2)  # (k, R, d*d)
-    cross = torch.einsum("np,krp->nkr", x, t)
-    return (x * x).sum(1)[:, None, None] + (t * t).sum(2)[None] - 2 * cross
+def _window(d: int, max_shift: int) -> torch.Tensor:
+    """FFT-grid indices of the shifts -max_shift..max_shift (circular)."""
+    return torch.arange(-max_shift, max_shift + 1) % d
 
 
-def _update(images: torch.Tensor, labels: torch.Tensor, best: torch.Tensor, k: int) -> torch.Tensor:
-    """Class averages ``(k, d, d)`` of the images rotated back by their best angles."""
-    back = rotate_images(images[:, None], -best)[:, 0]
+def _costs(x: torch.Tensor, centres: torch.Tensor, angles: torch.Tensor, mask: torch.Tensor, max_shift: int = 0,
+           chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Aligned squared distances of masked images ``x`` ``(n, d, d)`` to every centre.
+
+    Returns ``(cost (n, k), angle index (n, k), shift (n, k, 2) = (dx, dy) px)``: the smallest
+    ``|x - roll(rotate(centre, angle), shift)|²`` over the angles and the integer shifts up to
+    ``max_shift`` pixels per axis (cross-correlation by FFT).
+    """
+    n, d, _ = x.shape
+    t = _rotations(centres, angles) * mask  # (k, R, d, d)
+    k, r = t.shape[:2]
+    tn = (t * t).sum((2, 3))  # (k, R); a circular shift keeps it
+    xn = (x * x).sum((1, 2))  # (n,)
+    if max_shift == 0:
+        cost = xn[:, None, None] + tn[None] - 2 * torch.einsum("nyx,kryx->nkr", x, t)
+        best, arg = cost.min(dim=2)
+        return best, arg, torch.zeros((n, k, 2), dtype=torch.long)
+    win = _window(d, max_shift)
+    w = len(win)
+    tf = torch.fft.rfft2(t).conj()
+    best = torch.empty((n, k))
+    arg = torch.empty((n, k), dtype=torch.long)
+    for s in range(0, n, chunk):
+        xf = torch.fft.rfft2(x[s : s + chunk])
+        cc = torch.fft.irfft2(xf[:, None, None] * tf[None], s=(d, d))  # (c, k, R, d, d): sum_q x(q+s) t(q)
+        cc = cc[..., win, :][..., win]  # (c, k, R, w, w)
+        cost = xn[s : s + chunk, None, None, None, None] + tn[None, :, :, None, None] - 2 * cc
+        best[s : s + chunk], arg[s : s + chunk] = cost.reshape(len(cc), k, -1).min(dim=2)
+    rot, rest = arg // (w * w), arg % (w * w)
+    shift = torch.stack([rest % w - max_shift, rest // w - max_shift], dim=-1)  # (dx, dy)
+    return best, rot, shift
+
+
+def _update(images: torch.Tensor, labels: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor, k: int) -> torch.Tensor:
+    """Class averages ``(k, d, d)`` of the images shifted and rotated back into their class's frame."""
+    rows = [torch.roll(im, (-int(dy), -int(dx)), dims=(0, 1)) for im, (dx, dy) in zip(images, shift.tolist())] \
+        if bool(shift.any()) else list(images)
+    back = rotate_images(torch.stack(rows)[:, None], -angle)[:, 0]
     sums = torch.zeros((k, *images.shape[1:]), dtype=images.dtype).index_add_(0, labels, back)
     counts = torch.bincount(labels, minlength=k).clamp(min=1).to(images.dtype)
-    return sums / counts[:, None, None]
+    averages = sums / counts[:, None, None]
+    return _centred(averages) if bool(shift.any()) else averages
 
 
-def _seed_centres(images, x, k, angles, mask, gen) -> torch.Tensor:
+def _centred(averages: torch.Tensor) -> torch.Tensor:
+    """Each average rolled so that the centre of mass of its positive part is at the box centre
+    (as RELION's ``--center_classes``): with a shift search the references could drift out of
+    the mask otherwise."""
+    d = averages.shape[-1]
+    grid = torch.arange(d, dtype=averages.dtype) - d // 2
+    out = []
+    for a in averages:
+        w = a.clamp(min=0)
+        total = float(w.sum())
+        if total <= 0:
+            out.append(a)
+            continue
+        cy, cx = float((w.sum(1) * grid).sum()) / total, float((w.sum(0) * grid).sum()) / total
+        out.append(torch.roll(a, (-round(cy), -round(cx)), dims=(0, 1)))
+    return torch.stack(out)
+
+
+def _seed_centres(images, x, k, angles, mask, max_shift, gen) -> torch.Tensor:
     """k-means++ seeding under the aligned distance."""
     n = len(images)
     chosen = [int(torch.randint(n, (1,), generator=gen))]
     for _ in range(1, k):
-        d2 = _costs(x, images[chosen], angles, mask).amin(dim=(1, 2)).clamp(min=0).double()
+        d2 = _costs(x, images[chosen], angles, mask, max_shift)[0].amin(dim=1).clamp(min=0).double()
         if float(d2.sum()) <= 0:
             chosen.append(int(torch.randint(n, (1,), generator=gen)))
         else:
@@ -68,44 +121,52 @@ def _seed_centres(images, x, k, angles, mask, gen) -> torch.Tensor:
     return images[chosen].clone()
 
 
-def _run(images, x, k, angles, mask, gen, max_iter):
-    centres = _seed_centres(images, x, k, angles, mask, gen)
-    labels = best = None
-    for _ in range(max_iter):
-        cost = _costs(x, centres, angles, mask)  # (n, k, R)
-        per_class, arg = cost.min(dim=2)  # (n, k)
-        new = per_class.argmin(dim=1)
-        new_best = angles[arg.gather(1, new[:, None])[:, 0]]
-        counts = torch.bincount(new, minlength=k)
-        for c in torch.nonzero(counts == 0).flatten().tolist():  # empty class: the worst-fitting image
-            far = int(per_class.gather(1, new[:, None])[:, 0].argmax())
-            new[far], new_best[far] = c, 0.0
-        if labels is not None and torch.equal(new, labels) and torch.equal(new_best, best):
+def _run(images, x, k, angles, mask, max_shift, gen, max_iter, tol):
+    centres = _seed_centres(images, x, k, angles, mask, max_shift, gen)
+    labels = None
+    for it in range(max_iter + 1):
+        cost, rot, shift = _costs(x, centres, angles, mask, max_shift)
+        new = cost.argmin(dim=1)
+        for c in torch.nonzero(torch.bincount(new, minlength=k) == 0).flatten().tolist():  # empty: worst-fitting image
+            new[int(cost.gather(1, new[:, None])[:, 0].argmax())] = c
+        pick = new[:, None]
+        new_rot, new_shift = rot.gather(1, pick)[:, 0], shift[torch.arange(len(new)), new]
+        # converged when (nearly) no particle changes class; poses keep trading integer shifts
+        # and neighbouring angles between near-equal costs, so they are not waited for
+        done = it == max_iter or (labels is not None and int((new != labels).sum()) <= tol * len(new))
+        labels, best_rot, best_shift = new, new_rot, new_shift
+        if done:
             break
-        labels, best = new, new_best
-        centres = _update(images, labels, best, k)
-    total = float(_costs(x, centres, angles, mask).amin(dim=2).gather(1, labels[:, None]).sum())
-    return total, labels, best, centres
+        centres = _update(images, labels, angles[best_rot], best_shift, k)
+    total = float(cost.gather(1, labels[:, None]).sum())  # of the poses against the returned centres
+    return total, labels, angles[best_rot], best_shift, centres
 
 
 def align_kmeans(
-    images, k: int, seed: int = 0, n_angles: int = 36, n_init: int = 3, max_iter: int = 30
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cluster images ``(n, d, d)`` into ``k`` classes up to in-plane rotation.
+    images, k: int, seed: int = 0, n_angles: int = 36, max_shift: int = 0, n_init: int = 3, max_iter: int = 30,
+    tol: float = 0.002,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cluster images ``(n, d, d)`` into ``k`` classes up to in-plane rotation (and, with
+    ``max_shift`` > 0, integer translations of up to that many pixels per axis).
 
-    Returns ``(labels (n,) int64, angles (n,) radians, averages (k, d, d))``: rotating image
-    ``i`` by ``-angles[i]`` aligns it with ``averages[labels[i]]``. Best (lowest total aligned
-    distance) of ``n_init`` k-means++-seeded runs; deterministic for a given ``seed``.
+    Returns ``(labels (n,) int64, angles (n,) radians, shifts (n, 2) int (dx, dy) px,
+    averages (k, d, d))``: image ``i`` is ``averages[labels[i]]`` rotated by ``angles[i]``
+    (``core.rotations.rotate_images``) then moved by ``shifts[i]``. Best (lowest total aligned
+    distance) of ``n_init`` k-means++-seeded runs, each stopped when at most a fraction ``tol`` of
+    the particles changes class (or after ``max_iter`` iterations); deterministic for a given
+    ``seed``.
     """
     images = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"align_kmeans needs square images (n, d, d), got {tuple(images.shape)}")
     if not 1 <= k <= len(images):
         raise ValueError(f"k must be in 1..{len(images)}, got {k}")
+    if not 0 <= max_shift < images.shape[-1] // 2:
+        raise ValueError(f"max_shift must be in 0..{images.shape[-1] // 2 - 1} px, got {max_shift}")
     mask = _mask(images.shape[-1])
-    x = (images * mask).flatten(1)
+    x = images * mask
     angles = torch.arange(n_angles, dtype=torch.float32) * (2 * math.pi / n_angles)
     gen = torch.Generator().manual_seed(seed)
-    best = min((_run(images, x, k, angles, mask, gen, max_iter) for _ in range(n_init)), key=lambda r: r[0])
-    _, labels, rot, centres = best
-    return labels.numpy().astype(np.int64), rot.numpy().astype(np.float64), centres.numpy()
+    runs = (_run(images, x, k, angles, mask, max_shift, gen, max_iter, tol) for _ in range(n_init))
+    _, labels, rot, shift, centres = min(runs, key=lambda r: r[0])
+    return labels.numpy().astype(np.int64), rot.numpy().astype(np.float64), shift.numpy(), centres.numpy()

@@ -7,9 +7,11 @@ classes follow the shape of the signal, not its scale. Then, by ``method``:
 - ``kmeans``, ``hc`` (Ward), ``bsk`` (Balanced-Size k-means++): on the pixels;
 - ``pca-kmeans``, ``isomap-kmeans``: k-means on a PCA / Isomap embedding of the pixels;
 - ``align-kmeans``: k-means up to in-plane rotation (``cluster.align``: each image compared with
-  each class average at 36 in-plane angles, as 2D classification in RELION aligns particles;
-  no shifts); the particles' best angles are written as ``cpInplaneAngleDeg`` and the class
-  averages are of the images rotated back by them;
+  each class average at 36 in-plane angles and, with ``max_shift_px``, integer shifts, as 2D
+  classification in RELION aligns particles); the particles' best angles and shifts are written
+  as ``cpInplaneAngleDeg``, ``cpAlignShiftXPx``, ``cpAlignShiftYPx`` (the image is its class
+  average rotated by the angle, then moved by the shift) and the class averages are of the
+  images moved and rotated back;
 - ``cae-kmeans``: k-means on the codes of a convolutional autoencoder trained on the stack;
 - ``cdae-kmeans``, ``cdae-hc``, ``cdae-align-kmeans``: k-means / Ward / aligned k-means on images
   denoised by a CDAE cascade (the class averages are of the raw images), either a
@@ -56,7 +58,8 @@ log = logging.getLogger(__name__)
 
 METHODS = ("kmeans", "hc", "pca-kmeans", "isomap-kmeans", "bsk", "align-kmeans", "cae-kmeans", "cdae-kmeans",
            "cdae-hc", "cdae-align-kmeans")
-ANGLE_COLUMN = "cpInplaneAngleDeg"  # align-kmeans: rotating the image by minus this aligns it with its class
+# align-kmeans: an image is its class average rotated by the angle, then moved by the shift
+ALIGN_COLUMNS = ("cpInplaneAngleDeg", "cpAlignShiftXPx", "cpAlignShiftYPx")
 TRUTH_COLUMNS = ("cpViewLabel", "cpConformationLabel")
 PRETRAIN_VIEWS = 4
 #: pre-training data get their own random stream (views, noise), never a target's simulated with --seed
@@ -80,6 +83,9 @@ class ClassifyConfig:
     seed: int = field(default=0, metadata={"help": "random seed"})
     mask_radius_px: float | None = field(
         default=None, metadata={"flag": "--mask-radius", "help": "normalise on the background outside this radius (px)"}
+    )
+    max_shift_px: int = field(
+        default=0, metadata={"flag": "--max-shift", "help": "translations searched, pixels per axis (*align-kmeans)"}
     )
     pca_components: int = field(default=20, metadata={"help": "principal components (pca-kmeans)"})
     isomap_components: int = field(default=10, metadata={"help": "Isomap dimensions (isomap-kmeans)"})
@@ -106,6 +112,8 @@ class ClassifyConfig:
         for flag, value in counts.items():
             if value < 1:
                 raise InputError(f"{flag} must be >= 1, got {value}")
+        if self.max_shift_px < 0:
+            raise InputError(f"--max-shift must be >= 0, got {self.max_shift_px}")
         if self.mask_radius_px is not None and self.mask_radius_px < 0:
             raise InputError(f"--mask-radius must be >= 0, got {self.mask_radius_px}")
 
@@ -165,7 +173,7 @@ def classify_images(
     stack: ParticleStack | None = None, work: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Labels ``(n,)`` in ``0..K-1`` (class 0 the largest) of normalised images ``(n, d, d)``,
-    and the in-plane angles ``(n,)`` in radians of the ``*align-kmeans`` methods (else None).
+    and, for the ``*align-kmeans`` methods, ``(angles (n,) radians, shifts (n, 2) px)`` (else None).
 
     ``stack`` and ``work`` (a folder for the CDAE run) are needed by ``cdae-*`` without a model.
     """
@@ -175,9 +183,10 @@ def classify_images(
             raise ValueError("cdae-* without a model needs the stack and a work folder")
         images = _cdae_features(images, stack, config, device, work)  # type: ignore[arg-type]
         method = method.removeprefix("cdae-")
-    angles = None
+    pose = None
     if method == "align-kmeans":
-        labels, angles, _ = align_kmeans(images, k, seed)
+        labels, angles, shifts, _ = align_kmeans(images, k, seed, max_shift=config.max_shift_px)
+        pose = (angles, shifts)
     elif method == "cae-kmeans":
         from cryoprior.methods.cae import CAEConfig, cae_embed
 
@@ -191,7 +200,7 @@ def classify_images(
         )
     else:  # kmeans, hc, bsk
         labels = cluster(images, k, method, seed)
-    return order_by_size(labels, k), angles
+    return order_by_size(labels, k), pose
 
 
 def rebased_table(stack: ParticleStack, new_dir: Path) -> pd.DataFrame:
@@ -212,17 +221,21 @@ def rebased_table(stack: ParticleStack, new_dir: Path) -> pd.DataFrame:
 
 
 def _write_outputs(tmp: Path, out: Path, stack: ParticleStack, labels: np.ndarray, k: int,
-                   angles: np.ndarray | None = None) -> list[int]:
+                   pose: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
     table = rebased_table(stack, out.absolute())
     table["rlnClassNumber"] = labels + 1
-    if angles is not None:
-        table[ANGLE_COLUMN] = np.round(np.rad2deg(angles), 3)
+    if pose is not None:
+        angles, shifts = pose
+        table[ALIGN_COLUMNS[0]] = np.round(np.rad2deg(angles), 3)
+        table[ALIGN_COLUMNS[1]], table[ALIGN_COLUMNS[2]] = shifts[:, 0], shifts[:, 1]
     write_star(tmp / "particles.star", table, stack.optics, pixel_size_a=stack.pixel_size_a, box=stack.box)
     sums = np.zeros((k, stack.box, stack.box))
     counts = np.zeros(k, dtype=np.int64)
     for start, raw in stack.chunks(4096):
-        if angles is not None:  # rotated back into their class average's frame
-            turn = torch.from_numpy(angles[start : start + len(raw)]).float()
+        if pose is not None:  # moved and rotated back into their class average's frame
+            part = slice(start, start + len(raw))
+            raw = np.stack([np.roll(im, (-dy, -dx), axis=(0, 1)) for im, (dx, dy) in zip(raw, pose[1][part])])
+            turn = torch.from_numpy(pose[0][part]).float()
             raw = rotate_images(torch.from_numpy(raw)[:, None].float(), -turn)[:, 0].numpy()
         s, c = class_sums(raw, labels[start : start + len(raw)], k)
         sums, counts = sums + s, counts + c
@@ -260,9 +273,9 @@ def run_classify(
     t0 = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         images = normalized_images(stack, config.mask_radius_px)
-        labels, angles = classify_images(images, config, device, stack, tmp)
+        labels, pose = classify_images(images, config, device, stack, tmp)
         del images
-        sizes = _write_outputs(tmp, out, stack, labels, config.classes, angles)
+        sizes = _write_outputs(tmp, out, stack, labels, config.classes, pose)
         seconds = round(time.perf_counter() - t0, 2)
         metrics = None
         if truth is not None:
