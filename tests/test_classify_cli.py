@@ -92,6 +92,9 @@ def test_no_metrics_without_truth(sim, tmp_path):
         (["{sim}", "--classes", 0], "--classes must be >= 1"),
         (["{sim}", "--classes", 401], "particles.star: --classes 401 is more than the 400 particles"),
         (["{sim}", "--classes", 4, "--mask-radius", 16], "particles.star: --mask-radius 16.0 leaves no background"),
+        (["{sim}", "--classes", 4, "--method", "align-kmeans", "--max-shift", 16],
+         "particles.star: --max-shift 16 px is half the 32-px box or more"),
+        (["{sim}", "--classes", 4, "--max-shift", -1], "--max-shift must be >= 0"),
         (["{sim}", "--classes", 4, "--method", "cdae-kmeans"], "needs --model RUN_DIR or --pretrain-structure"),
         (["{sim}", "--classes", 4, "--method", "cdae-hc", "--model", "nowhere"], "nowhere: CDAE run folder not found"),
     ],
@@ -145,13 +148,16 @@ def fake_cdae(monkeypatch):
     return calls
 
 
-def test_cdae_with_model_denoises_then_clusters(sim, tmp_path, fake_cdae):
+@pytest.mark.parametrize("method", ["cdae-hc", "cdae-align-kmeans"])
+def test_cdae_with_model_denoises_then_clusters(sim, tmp_path, fake_cdae, method):
     model_dir = tmp_path / "cdae_run"
     model_dir.mkdir()
     out = tmp_path / "run"
-    assert _run(sim, "--classes", 4, "--method", "cdae-hc", "--model", model_dir, "--out", out) == 0
+    assert _run(sim, "--classes", 4, "--method", method, "--model", model_dir, "--out", out) == 0
     assert fake_cdae["load_model"] == model_dir and fake_cdae["denoise_images"] == ("model", (400, 32, 32))
     assert json.loads((out / "metrics.json").read_text())["f1"] > 0.9
+    has_poses = ParticleStack.from_file(out / "particles.star").has_column("cpInplaneAngleDeg")
+    assert has_poses == (method == "cdae-align-kmeans")
 
 
 def test_cdae_pretrains_on_simulated_views(sim, tmp_path, fake_cdae):

@@ -266,6 +266,8 @@ def run_classify(
     n = len(stack)
     if config.classes > n:
         raise InputError(f"--classes {config.classes} is more than the {n} particles", in_path)
+    if config.max_shift_px >= stack.box // 2:
+        raise InputError(f"--max-shift {config.max_shift_px} px is half the {stack.box}-px box or more", in_path)
     if config.mask_radius_px is not None and config.mask_radius_px >= stack.box / 2:
         raise InputError(f"--mask-radius {config.mask_radius_px} leaves no background in {stack.box}-px images", in_path)
     device = resolve_device(config.device)
