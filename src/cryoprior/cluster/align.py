@@ -56,7 +56,7 @@ def _costs(x: torch.Tensor, centres: torch.Tensor, angles: torch.Tensor, mask: t
     """
     n, d, _ = x.shape
     t = _rotations(centres, angles) * mask  # (k, R, d, d)
-    k, r = t.shape[:2]
+    k = t.shape[0]
     tn = (t * t).sum((2, 3))  # (k, R); a circular shift keeps it
     xn = (x * x).sum((1, 2))  # (n,)
     if max_shift == 0:
@@ -79,15 +79,16 @@ def _costs(x: torch.Tensor, centres: torch.Tensor, angles: torch.Tensor, mask: t
     return best, rot, shift
 
 
-def _update(images: torch.Tensor, labels: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor, k: int) -> torch.Tensor:
-    """Class averages ``(k, d, d)`` of the images shifted and rotated back into their class's frame."""
-    rows = [torch.roll(im, (-int(dy), -int(dx)), dims=(0, 1)) for im, (dx, dy) in zip(images, shift.tolist())] \
-        if bool(shift.any()) else list(images)
-    back = rotate_images(torch.stack(rows)[:, None], -angle)[:, 0]
+def _update(images: torch.Tensor, labels: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor, k: int,
+            centre: bool) -> torch.Tensor:
+    """Class averages ``(k, d, d)`` of the images shifted and rotated back into their class's
+    frame (then re-centred when ``centre``)."""
+    rows = torch.stack([torch.roll(im, (-dy, -dx), dims=(0, 1)) for im, (dx, dy) in zip(images, shift.tolist())])
+    back = rotate_images(rows[:, None], -angle)[:, 0]
     sums = torch.zeros((k, *images.shape[1:]), dtype=images.dtype).index_add_(0, labels, back)
     counts = torch.bincount(labels, minlength=k).clamp(min=1).to(images.dtype)
     averages = sums / counts[:, None, None]
-    return _centred(averages) if bool(shift.any()) else averages
+    return _centred(averages) if centre else averages
 
 
 def _centred(averages: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,7 @@ def _run(images, x, k, angles, mask, max_shift, gen, max_iter, tol):
         labels, best_rot, best_shift = new, new_rot, new_shift
         if done:
             break
-        centres = _update(images, labels, angles[best_rot], best_shift, k)
+        centres = _update(images, labels, angles[best_rot], best_shift, k, centre=max_shift > 0)
     total = float(cost.gather(1, labels[:, None]).sum())  # of the poses against the returned centres
     return total, labels, angles[best_rot], best_shift, centres
 
