@@ -171,7 +171,7 @@ def _cdae_features(images: np.ndarray, stack: ParticleStack, config: ClassifyCon
 def classify_images(
     images: np.ndarray, config: ClassifyConfig, device: torch.device | str = "cpu",
     stack: ParticleStack | None = None, work: Path | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """Labels ``(n,)`` in ``0..K-1`` (class 0 the largest) of normalised images ``(n, d, d)``,
     and, for the ``*align-kmeans`` methods, ``(angles (n,) radians, shifts (n, 2) px)`` (else None).
 
@@ -224,6 +224,7 @@ def _write_outputs(tmp: Path, out: Path, stack: ParticleStack, labels: np.ndarra
                    pose: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
     table = rebased_table(stack, out.absolute())
     table["rlnClassNumber"] = labels + 1
+    table = table.drop(columns=[c for c in ALIGN_COLUMNS if c in table.columns])  # poses of an earlier run
     if pose is not None:
         angles, shifts = pose
         table[ALIGN_COLUMNS[0]] = np.round(np.rad2deg(angles), 3)
