@@ -106,8 +106,8 @@ def test_classify_align_kmeans_writes_poses_and_aligned_averages(rotated_shifted
         assert aligned > 0.99 and 1 - aligned < (1 - blurred) / 5
 
 
-def test_fft_costs_equal_explicit_shifts():
-    # batched FFT cross-correlation == the distance to each rolled, rotated centre computed one by one
+def test_aligned_costs_equal_explicit_shifts():
+    # batched, chunked shifts == the distance to each rolled, rotated centre computed one by one
     gen = torch.Generator().manual_seed(0)
     x, centres = torch.randn(5, 16, 16, generator=gen), torch.randn(2, 16, 16, generator=gen)
     angles = torch.tensor([0.0, 1.0, 2.5])
