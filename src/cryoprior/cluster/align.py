@@ -21,7 +21,7 @@ import torch
 
 from cryoprior.core.rotations import rotate_images
 
-__all__ = ["align_kmeans"]
+__all__ = ["align_kmeans", "to_class_frame"]
 
 
 def _mask(d: int) -> torch.Tensor:
@@ -75,12 +75,21 @@ def _costs(x: torch.Tensor, centres: torch.Tensor, angles: torch.Tensor, mask: t
     return best, rot, shift
 
 
+def to_class_frame(images, angles, shifts) -> torch.Tensor:
+    """Images ``(n, d, d)`` moved back by their ``shifts`` ``(n, 2)`` (dx, dy px) and rotated back
+    by their ``angles`` ``(n,)`` (radians): the inverse of the poses :func:`align_kmeans` returns,
+    which bring each image into the frame of its class average."""
+    images = torch.as_tensor(images, dtype=torch.float32)
+    angles = torch.as_tensor(angles, dtype=torch.float32)
+    moved = [torch.roll(im, (-int(dy), -int(dx)), dims=(0, 1)) for im, (dx, dy) in zip(images, torch.as_tensor(shifts).tolist())]
+    return rotate_images(torch.stack(moved)[:, None], -angles)[:, 0]
+
+
 def _update(images: torch.Tensor, labels: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor, k: int,
             centre: bool) -> torch.Tensor:
-    """Class averages ``(k, d, d)`` of the images shifted and rotated back into their class's
-    frame (then re-centred when ``centre``)."""
-    rows = torch.stack([torch.roll(im, (-dy, -dx), dims=(0, 1)) for im, (dx, dy) in zip(images, shift.tolist())])
-    back = rotate_images(rows[:, None], -angle)[:, 0]
+    """Class averages ``(k, d, d)`` of the images in their class's frame (then re-centred when
+    ``centre``)."""
+    back = to_class_frame(images, angle, shift)
     sums = torch.zeros((k, *images.shape[1:]), dtype=images.dtype).index_add_(0, labels, back)
     counts = torch.bincount(labels, minlength=k).clamp(min=1).to(images.dtype)
     averages = sums / counts[:, None, None]

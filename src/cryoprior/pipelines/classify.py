@@ -42,11 +42,11 @@ import pandas as pd
 import torch
 
 from cryoprior.cluster import align_kmeans, class_sums, cluster
+from cryoprior.cluster.align import to_class_frame
 from cryoprior.cluster.averages import averages_from_sums
 from cryoprior.config import write_run_config
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores
-from cryoprior.core.rotations import rotate_images
 from cryoprior.errors import InputError, OutputExistsError
 from cryoprior.fileutil import atomic_dir
 from cryoprior.io.mrc import write_mrcs
@@ -235,9 +235,7 @@ def _write_outputs(tmp: Path, out: Path, stack: ParticleStack, labels: np.ndarra
     for start, raw in stack.chunks(4096):
         if pose is not None:  # moved and rotated back into their class average's frame
             part = slice(start, start + len(raw))
-            raw = np.stack([np.roll(im, (-dy, -dx), axis=(0, 1)) for im, (dx, dy) in zip(raw, pose[1][part])])
-            turn = torch.from_numpy(pose[0][part]).float()
-            raw = rotate_images(torch.from_numpy(raw)[:, None].float(), -turn)[:, 0].numpy()
+            raw = to_class_frame(raw, pose[0][part], pose[1][part]).numpy()
         s, c = class_sums(raw, labels[start : start + len(raw)], k)
         sums, counts = sums + s, counts + c
     write_mrcs(tmp / "class_averages.mrcs", averages_from_sums(sums, counts), stack.pixel_size_a)
