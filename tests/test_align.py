@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from cryoprior.classical.cluster import align_kmeans, cluster
+from cryoprior.classical.cluster.align import _costs, _mask, _rotations
 from cryoprior.cli import main as cli
-from cryoprior.cluster import align_kmeans, cluster
-from cryoprior.cluster.align import _costs, _mask, _rotations
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores
 from cryoprior.core.rotations import rotate_images

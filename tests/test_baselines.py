@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryoprior.baselines import available, denoise, estimate_noise_sigma, nlm, wiener_filter
+from cryoprior.classical import available, denoise, estimate_noise_sigma, nlm, wiener_filter
 from cryoprior.core.metrics import psnr
 from cryoprior.io.stack import ParticleStack
 from cryoprior.sim.dataset import SimulationConfig, simulate_dataset

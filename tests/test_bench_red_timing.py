@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from cryoprior.core.fsc import fsc
-from cryoprior.core.projection import slice_coordinates
-from cryoprior.io.stack import ParticleStack
-from cryoprior.pipelines.bench_red import target_cases
-from cryoprior.pipelines.bench_red_timing import (
+from cryoprior.bench.red import target_cases
+from cryoprior.bench.red_timing import (
     align_to_truth,
     cryodrgn_inputs,
     simulate_heldout,
     timing_summary,
 )
-from cryoprior.pipelines.reconstruct import _ctf, _poses
+from cryoprior.core.fsc import fsc
+from cryoprior.core.projection import slice_coordinates
+from cryoprior.io.relion import ctf_from_star, poses_from_star
+from cryoprior.io.stack import ParticleStack
 from cryoprior.sim.structures import load_volume, recommended_pixel_size_a
 
 CRYODRGN = shutil.which("cryodrgn") if importlib.util.find_spec("cryodrgn") is not None else None  # command and module
@@ -95,7 +95,7 @@ def test_cryodrgn_reads_our_star_with_our_slices_shifts_and_ctf(tmp_path):
         params = torch.as_tensor(pickle.load(fh), dtype=torch.float64)  # (n, 9): D, Å/px, dfU, dfV, ang, kV, Cs, w, phase
     stack = ParticleStack.from_file(star)
     rows = np.arange(n)
-    ours_rot, ours_shift = _poses(stack, rows)
+    ours_rot, ours_shift = poses_from_star(stack, rows)
 
     k = torch.arange(box, dtype=torch.float64) - box // 2
     ky, kx = torch.meshgrid(k, k, indexing="ij")
@@ -110,7 +110,7 @@ def test_cryodrgn_reads_our_star_with_our_slices_shifts_and_ctf(tmp_path):
 
     freqs = (lattice[..., :2].reshape(1, -1, 2) / box) / params[:, 1].view(n, 1, 1)  # (n, d², 2) in 1/Å
     theirs_ctf = compute_ctf(freqs, *torch.split(params[:, 2:], 1, 1)).view(n, box, box)
-    ours_ctf = _ctf(stack, rows, "cpu").double()
+    ours_ctf = ctf_from_star(stack, rows, "cpu").double()
     # cryoDRGN's CTF is −w at zero frequency, ours (RELION's) +w: the opposite sign, which its
     # default --invert-data undoes (the bench finds its map with sign +1); λ constants differ a bit
     assert (theirs_ctf + ours_ctf).abs().max() < 5e-3

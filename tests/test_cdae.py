@@ -9,28 +9,30 @@ import pytest
 import torch
 
 from cryoprior.errors import InputError, TrainingDivergedError
-from cryoprior.methods.cdae import (
+from cryoprior.nn.cdae import (
     CDAEConfig,
     finetune_cascade,
     new_cascade,
     pretrain_cascade,
     single_dae,
 )
-from cryoprior.methods.cdae_ops import (
+from cryoprior.nn.cdae_ops import (
     histogram_equalize,
     knn_mean_targets,
     load_levels,
     normalize,
     psnr_normalised,
 )
-from cryoprior.methods.denoiser import (
+from cryoprior.nn.denoiser import (
     denoise_images,
     denoise_tensor,
     load_model,
     read_model_file,
     save_model,
 )
-from cryoprior.methods.training import (
+from cryoprior.nn.models.cdae import CDAECascade, ConvAEBlock
+from cryoprior.nn.models.dncnn import DnCNN
+from cryoprior.nn.training import (
     dihedral,
     fit_pairs,
     load_checkpoint,
@@ -38,8 +40,6 @@ from cryoprior.methods.training import (
     rotate_images,
     save_loss_curves,
 )
-from cryoprior.models.cdae import CDAECascade, ConvAEBlock
-from cryoprior.models.dncnn import DnCNN
 from cryoprior.sim.dataset import SimulationConfig, simulate_dataset
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cryoprior.methods
+import cryoprior.nn
 from cryoprior.cli import main as cli
 from cryoprior.io.mrc import read_mrc
 from cryoprior.io.stack import ParticleStack
@@ -119,7 +119,7 @@ def test_existing_output_is_kept(sim, tmp_path, capsys):
 
 @pytest.fixture
 def fake_cdae(monkeypatch):
-    """Stands in for cryoprior.methods.cdae: an identity 'denoiser' that records its calls."""
+    """Stands in for cryoprior.nn.cdae: an identity 'denoiser' that records its calls."""
     calls: dict = {}
 
     @dataclasses.dataclass
@@ -140,11 +140,11 @@ def fake_cdae(monkeypatch):
         calls["target_n"] = len(target_stack)
         Path(out_dir).mkdir()
 
-    module = types.ModuleType("cryoprior.methods.cdae")
+    module = types.ModuleType("cryoprior.nn.cdae")
     for f in (CDAEConfig, load_model, denoise_images, train_cdae):
         setattr(module, f.__name__, f)
-    monkeypatch.setitem(sys.modules, "cryoprior.methods.cdae", module)
-    monkeypatch.setattr(cryoprior.methods, "cdae", module, raising=False)
+    monkeypatch.setitem(sys.modules, "cryoprior.nn.cdae", module)
+    monkeypatch.setattr(cryoprior.nn, "cdae", module, raising=False)
     return calls
 
 
@@ -174,7 +174,7 @@ def test_cdae_pretrains_on_simulated_views(sim, tmp_path, fake_cdae):
 
 @pytest.mark.slow
 def test_cdae_real_pretraining(sim, tmp_path):
-    pytest.importorskip("cryoprior.methods.cdae")
+    pytest.importorskip("cryoprior.nn.cdae")
     out = tmp_path / "run"
     argv = [sim, "--classes", 4, "--method", "cdae-kmeans", "--pretrain-structure", "1ake", "--pretrain-n", 200]
     assert _run(*argv, "--out", out) == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from cryoprior.cluster import (
+from cryoprior.classical.cluster import (
     balanced_assignment,
     bsk_means,
     class_averages,
@@ -17,7 +17,7 @@ from cryoprior.cluster import (
     knn,
     reliable_mask,
 )
-from cryoprior.cluster.bsk import balanced_sizes
+from cryoprior.classical.cluster.bsk import balanced_sizes
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores
 from cryoprior.io.stack import ParticleStack

@@ -11,8 +11,8 @@ import yaml
 from cryoprior import progress
 from cryoprior.cli.main import main as cli_main
 from cryoprior.errors import InputError
-from cryoprior.pipelines import demo as demo_mod
-from cryoprior.pipelines.demo import DemoConfig, run_demo
+from cryoprior.workflows import demo as demo_mod
+from cryoprior.workflows.demo import DemoConfig, run_demo
 
 TINY = dict(box=32, pixel_size_a=3.5, views_box=32, views_pixel_size_a=3.5, n_views=300, n_pretrain=100, n_uniform=200, cdae_pretrain_epochs=1,
             cdae_finetune_epochs=1, denoisers=["cdae", "lowpass"], device="cpu")

@@ -11,8 +11,8 @@ import pytest
 from cryoprior.cli.main import main
 from cryoprior.io.stack import ParticleStack
 from cryoprior.io.star import read_star
-from cryoprior.methods.denoiser import save_model
-from cryoprior.models.cdae import CDAECascade
+from cryoprior.nn.denoiser import save_model
+from cryoprior.nn.models.cdae import CDAECascade
 from cryoprior.sim.dataset import SimulationConfig, simulate_dataset
 
 FAST = ["--pretrain-epochs", "5", "--batch-size", "16", "--finetune-epochs", "1", "--single-dae-epochs", "1", "--dncnn-epochs", "1",

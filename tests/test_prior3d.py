@@ -10,7 +10,8 @@ import torch
 from cryoprior.cli.main import main
 from cryoprior.core.fsc import fsc, resolution_at
 from cryoprior.errors import InputError, TrainingDivergedError
-from cryoprior.methods.prior3d import (
+from cryoprior.nn.models.unet3d import UNet3D, UNet3DConfig
+from cryoprior.nn.prior3d import (
     HELD_OUT_STRUCTURES,
     Prior3DConfig,
     load_denoiser,
@@ -19,7 +20,7 @@ from cryoprior.methods.prior3d import (
     train,
     training_structures,
 )
-from cryoprior.methods.prior3d_data import (
+from cryoprior.nn.prior3d_data import (
     NoiseSettings,
     cube_rotation_matrices,
     cube_rotations,
@@ -27,7 +28,6 @@ from cryoprior.methods.prior3d_data import (
     reconstruction_input,
     sphere_std,
 )
-from cryoprior.models.unet3d import UNet3D, UNet3DConfig
 from cryoprior.sim.structures import list_builtin_structures, load_volume, recommended_pixel_size_a
 
 
@@ -249,7 +249,7 @@ def test_bad_input_raises_input_error_naming_the_file_or_shape(tmp_path):
 @pytest.mark.slow
 def test_training_on_reconstructions_improves_held_out_maps(tmp_path):
     """The whole recipe, small: 4 structures × 3 noisy reconstructions, 150 steps (minutes)."""
-    from cryoprior.pipelines.train_prior3d import run_train_prior3d
+    from cryoprior.workflows.train_prior3d import run_train_prior3d
 
     config = Prior3DConfig(
         structures=["1bd2", "3o21", "1pwc", "3enl"], validation_structures=["4ake", "2a2l"],

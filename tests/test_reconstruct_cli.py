@@ -23,7 +23,7 @@ def sim(tmp_path_factory):
 
 @pytest.fixture
 def stand_in_denoiser(monkeypatch):
-    import cryoprior.pipelines.reconstruct as rec
+    import cryoprior.workflows.reconstruct as rec
 
     monkeypatch.setattr(rec, "load_prior_denoiser", lambda path, device: lambda v: gaussian_lowpass(v, 0.5, ndim=3))
 

@@ -11,11 +11,10 @@ from cryoprior.core.filters import gaussian_lowpass, lowpass
 from cryoprior.core.fsc import fsc, resolution_at
 from cryoprior.core.projection import gridding_kernel, project, reconstruct, shift_images
 from cryoprior.core.rotations import angular_distance_deg, random_rotations
-from cryoprior.methods.red import (
-    Accumulator,
+from cryoprior.recon.accumulate import Accumulator, backproject
+from cryoprior.recon.mstep import (
     ReconstructionConfig,
     apply_denoiser,
-    backproject,
     cw_red_lambda,
     cw_red_lambda_from_fsc,
     full_set_fsc,
@@ -31,7 +30,7 @@ from cryoprior.methods.red import (
     unregularised_volume,
     volume_to_fourier,
 )
-from cryoprior.methods.refine import (
+from cryoprior.recon.refine import (
     HalfData,
     RefineConfig,
     global_grid,

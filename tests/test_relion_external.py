@@ -11,12 +11,8 @@ import pytest
 import torch
 
 from cryoprior.cli.main import main
-from cryoprior.pipelines.relion_external import (
-    RelionExternalConfig,
-    halfcomplex_to_centred,
-    read_job,
-    run_external,
-)
+from cryoprior.io.relion import halfcomplex_to_centred, read_job
+from cryoprior.workflows.relion_external import RelionExternalConfig, run_external
 
 D, PAD = 16, 2
 P = D * PAD
@@ -178,7 +174,7 @@ def test_recovers_volume_and_red_identity(tmp_path, monkeypatch):
     g = gridding_kernel(D, P, 3, dtype=torch.float64).numpy()
     fsc = np.full(D // 2 + 1, 0.3)
     star = write_relion_job(tmp_path, vol * g, symmetric_weight(7), np.ones(D // 2 + 1), fsc)
-    import cryoprior.pipelines.relion_external as rx
+    import cryoprior.workflows.relion_external as rx
 
     monkeypatch.setattr(rx, "load_prior_denoiser", lambda path, device: (lambda v: v))
     run_external(star, RelionExternalConfig(prior="red", red_lambda=1.0))

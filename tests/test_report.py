@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from cryoprior.cli.main import main as cli_main
-from cryoprior.pipelines import demo as demo_mod
-from cryoprior.pipelines.demo import DemoConfig, run_demo
-from cryoprior.pipelines.report import build_report
+from cryoprior.report.build import build_report
+from cryoprior.workflows import demo as demo_mod
+from cryoprior.workflows.demo import DemoConfig, run_demo
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -91,7 +91,7 @@ def test_report_of_an_empty_folder(tmp_path):
 def test_unavailable_stage_is_listed_as_such(tmp_path, monkeypatch):
     real = demo_mod.missing
     monkeypatch.setattr(demo_mod, "missing", lambda module, *names: "not installed (test)"
-                        if module == "cryoprior.pipelines.classify" else real(module, *names))
+                        if module == "cryoprior.workflows.classify" else real(module, *names))
     cfg = DemoConfig(**{**SMALL, "priors": []})
     metrics = run_demo(tmp_path / "run", cfg, argv=["test"])
     assert set(metrics["not_available"]) == {"classify_raw", "classify_lowpass", "classify_oracle"}
@@ -151,7 +151,7 @@ def test_every_image_loads_in_chromium(small_run, tmp_path):
 def test_figures_do_not_touch_global_matplotlib_state():
     import matplotlib
 
-    from cryoprior.pipelines import report_plots
+    from cryoprior.report import plots as report_plots
 
     backend = matplotlib.get_backend()
     png = report_plots.image_grid([[np.random.default_rng(0).normal(size=(16, 16))]], ["a"], ["b"], pixel_size_a=2.0)

@@ -18,7 +18,7 @@ from cryoprior.io.stack import ParticleStack
 from cryoprior.sim.dataset import SimulationConfig, discrete_view_rotations, simulate_dataset
 
 
-def _poses(stack):
+def poses_from_star(stack):
     cols = [torch.from_numpy(stack.column(c)) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")]
     return euler_to_matrix(*cols).float()
 
@@ -55,13 +55,13 @@ def test_star_poses_ctf_and_origins_reconstruct_the_source(ctf_dataset):
                  amplitude_contrast=float(stack.column("rlnAmplitudeContrast")[0]))
     origins = torch.from_numpy(np.stack([stack.column("rlnOriginXAngst"),
                                          stack.column("rlnOriginYAngst")], 1) / px).float()
-    vol = reconstruct(torch.from_numpy(stack.images()), _poses(stack), ctf=ctf, shifts_px=origins,
+    vol = reconstruct(torch.from_numpy(stack.images()), poses_from_star(stack), ctf=ctf, shifts_px=origins,
                       wiener_constant=0.01)
     truth, _ = read_map(ctf_dataset / "volumes" / "1ake.mrc")
     curve = fsc(vol, torch.from_numpy(np.asarray(truth)), ndim=3)
     assert curve[1 : stack.box // 4 + 1].min() > 0.9  # up to half Nyquist
     # ignoring the origins ruins it: the sign convention matters
-    wrong = reconstruct(torch.from_numpy(stack.images()), _poses(stack), ctf=ctf, shifts_px=-origins,
+    wrong = reconstruct(torch.from_numpy(stack.images()), poses_from_star(stack), ctf=ctf, shifts_px=-origins,
                         wiener_constant=0.01)
     assert fsc(wrong, torch.from_numpy(np.asarray(truth)), ndim=3)[stack.box // 4] < 0.5
     assert resolution_at(curve, stack.box, px, 0.5) < 4 * px
@@ -119,8 +119,8 @@ def test_relion_written_star_angles(tmp_path):
         "_rlnAnglePsi #4 \n_rlnOriginXAngst #5 \n_rlnOriginYAngst #6 \n_rlnOpticsGroup #7 \n" + rows + "\n \n"
     )
     stack = ParticleStack.from_file(tmp_path / "run_data.star")
-    torch.testing.assert_close(_poses(stack), mats, atol=1e-5, rtol=0)
-    rec = reconstruct(torch.from_numpy(stack.images()), _poses(stack))
+    torch.testing.assert_close(poses_from_star(stack), mats, atol=1e-5, rtol=0)
+    rec = reconstruct(torch.from_numpy(stack.images()), poses_from_star(stack))
     assert fsc(rec, vol, ndim=3)[1 : d // 2 - 1].min() > 0.95
 
 
@@ -131,7 +131,7 @@ def test_discrete_views_inplane_and_labels(tmp_path):
     views = stack.column("cpViewLabel")
     assert set(views) == {0, 1, 2, 3}
     base = discrete_view_rotations(4, seed=2).float()
-    rots = _poses(stack)
+    rots = poses_from_star(stack)
     # every particle looks along its view's direction; psi varies
     assert viewing_direction_distance_deg(rots, base[views]).max() < 1e-2
     assert np.ptp(stack.column("rlnAnglePsi")) > 180

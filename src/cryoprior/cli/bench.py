@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cryoprior.fileutil import atomic_path
 
-# bench name -> (module under cryoprior.pipelines, default kwargs, quick kwargs)
+# bench name -> (module under cryoprior.workflows, default kwargs, quick kwargs)
 BENCHES: dict[str, tuple[str, dict, dict]] = {
     "io": ("bench_io", {"n": 100_000, "box": 128}, {"n": 10_000, "box": 128}),
     "simulate": ("bench_simulate", {"n": 10_000, "box": 128}, {"n": 1_000, "box": 128}),
@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
         kwargs["n"] = args.n
     if args.box is not None:
         kwargs["box"] = args.box
-    module = importlib.import_module(f"cryoprior.pipelines.{module_name}")
+    module = importlib.import_module(f"cryoprior.workflows.{module_name}")
     result = {"bench": args.which, **module.run(**kwargs)}
     text = json.dumps(result, indent=2)
     if args.out:

@@ -22,7 +22,7 @@ import dataclasses
 import sys
 
 from cryoprior.config import add_config_args, config_from_args
-from cryoprior.pipelines.classify import ClassifyConfig, run_classify
+from cryoprior.workflows.classify import ClassifyConfig, run_classify
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

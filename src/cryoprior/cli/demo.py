@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from cryoprior.config import add_config_args, config_from_args
-from cryoprior.pipelines.demo import DemoConfig, run_demo, summary
+from cryoprior.workflows.demo import DemoConfig, run_demo, summary
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -22,11 +22,11 @@ import argparse
 import json
 
 from cryoprior.config import add_config_args, config_from_args
-from cryoprior.methods.cdae import CDAEConfig
-from cryoprior.methods.denoiser import PRECISIONS
-from cryoprior.methods.dncnn import SHARED_FIELDS, DnCNNConfig
-from cryoprior.methods.training import DEVICES
-from cryoprior.pipelines import denoise as pipeline
+from cryoprior.nn.cdae import CDAEConfig
+from cryoprior.nn.denoiser import PRECISIONS
+from cryoprior.nn.dncnn import SHARED_FIELDS, DnCNNConfig
+from cryoprior.nn.training import DEVICES
+from cryoprior.workflows import denoise as pipeline
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

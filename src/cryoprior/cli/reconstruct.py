@@ -19,9 +19,9 @@ import argparse
 import sys
 
 from cryoprior.config import add_config_args, config_from_args
-from cryoprior.methods.red import ReconstructionConfig
-from cryoprior.methods.refine import RefineConfig
-from cryoprior.pipelines.reconstruct import ReconstructJob, run_reconstruct
+from cryoprior.recon.mstep import ReconstructionConfig
+from cryoprior.recon.refine import RefineConfig
+from cryoprior.workflows.reconstruct import ReconstructJob, run_reconstruct
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

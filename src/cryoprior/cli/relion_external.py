@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 from cryoprior.config import add_config_args, config_from_args
-from cryoprior.pipelines.relion_external import RelionExternalConfig, run_external
+from cryoprior.workflows.relion_external import RelionExternalConfig, run_external
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

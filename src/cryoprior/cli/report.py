@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from cryoprior.errors import InputError
-from cryoprior.pipelines.report import build_report
+from cryoprior.report.build import build_report
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@
 Builds noisy intermediate maps of many structures (cached in OUT/pairs, reused on a rerun),
 trains with Adam (checkpoint each epoch, resumes), and validates on held-out structures: the
 FSC-to-truth resolution of the noisy input vs of the denoised output (OUT/validation.json).
-Load the result with ``cryoprior.methods.prior3d.load_denoiser(OUT)``.
+Load the result with ``cryoprior.nn.prior3d.load_denoiser(OUT)``.
 
 example:
   cryoprior train-prior3d --out prior3d_run --box 32 --epochs 20
@@ -16,8 +16,8 @@ import argparse
 import sys
 
 from cryoprior.config import add_config_args, config_from_args
-from cryoprior.methods.prior3d import Prior3DConfig
-from cryoprior.pipelines.train_prior3d import run_train_prior3d
+from cryoprior.nn.prior3d import Prior3DConfig
+from cryoprior.workflows.train_prior3d import run_train_prior3d
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

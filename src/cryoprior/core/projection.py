@@ -121,16 +121,29 @@ def project(volume: torch.Tensor, rotations: torch.Tensor, pad: int = 2) -> torc
     return ifft2c(project_fourier(vol_ft, rotations, d)).real
 
 
+def shift_phase(
+    shifts_px: torch.Tensor, size: int, box: int | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Fourier phase that translates a ``box`` image by ``shifts_px`` ``(..., 2)`` = (dx, dy) pixels,
+    on its central ``size × size`` frequencies (a Fourier crop when ``size < box``; default
+    ``box = size``). Returns ``(..., size, size)``, complex of the real ``dtype``.
+
+    Multiplying ``fft2c(image)`` by it moves content at (x, y) to (x + dx, y + dy).
+    """
+    box = size if box is None else box
+    f = torch.arange(size, device=shifts_px.device, dtype=dtype) - size // 2
+    ky, kx = torch.meshgrid(f, f, indexing="ij")  # (size, size)
+    dx = shifts_px[..., 0, None, None].to(dtype)
+    dy = shifts_px[..., 1, None, None].to(dtype)
+    return torch.exp(-2j * torch.pi * (kx * dx + ky * dy) / box)
+
+
 def shift_images(images: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
     """Translate images ``(..., d, d)`` by ``shifts_px`` ``(..., 2)`` = (dx, dy) pixels.
 
     Content at (x, y) moves to (x + dx, y + dy) (periodic, sub-pixel by Fourier phase).
     """
-    d = images.shape[-1]
-    ky, kx, _ = _image_freqs(d, images.device, images.real.dtype)
-    dx = shifts_px[..., 0, None, None].to(kx.dtype)
-    dy = shifts_px[..., 1, None, None].to(kx.dtype)
-    phase = torch.exp(-2j * torch.pi * (kx * dx + ky * dy) / d)
+    phase = shift_phase(shifts_px, images.shape[-1], dtype=images.real.dtype)
     return ifft2c(fft2c(images) * phase).real
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks, one module per ``cryoprior bench`` target; shared helpers in ``common``."""

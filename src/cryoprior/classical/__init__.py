@@ -1,0 +1,29 @@
+"""Classical denoising baselines: non-local means, Gaussian low-pass, Wiener, BM3D (optional).
+
+>>> denoised = denoise(images, "nlm")        # (n, d, d) float32 in and out   # doctest: +SKIP
+>>> available()                              # ['nlm', 'lowpass', 'wiener'] (+ 'bm3d' if installed)  # doctest: +SKIP
+"""
+
+from cryoprior.classical.denoisers import (
+    DENOISERS,
+    available,
+    bm3d_denoise,
+    denoise,
+    estimate_noise_sigma,
+    lowpass,
+    nlm,
+    wiener,
+    wiener_filter,
+)
+
+__all__ = [
+    "DENOISERS",
+    "available",
+    "bm3d_denoise",
+    "denoise",
+    "estimate_noise_sigma",
+    "lowpass",
+    "nlm",
+    "wiener",
+    "wiener_filter",
+]

@@ -1,0 +1,228 @@
+"""RELION's metadata as our tensors: STAR columns → poses, shifts, CTFs and half sets, and the
+files of RELION's ``--external_reconstruct`` protocol (read the request, write the τ² table).
+
+The protocol: RELION writes ``<root>_external_reconstruct.star`` and three MRCs, and runs
+``$RELION_EXTERNAL_RECONSTRUCT_EXECUTABLE <root>_external_reconstruct.star`` from its project
+folder (half 1 and half 2 at the same time). The STAR holds ``data_external_reconstruct_general``
+(key-value: the data/weight/result file names, ``rlnTau2FudgeFactor``, ``rlnPaddingFactor``,
+``rlnOriginalImageSize``, ``rlnCurrentImageSize``, optionally ``rlnPixelSize`` and
+``rlnExtReconsResultStarfile``) and ``data_external_reconstruct_tau2`` (loop: ``rlnSpectralIndex``,
+``rlnReferenceTau2``, ``rlnGoldStandardFsc``). The MRCs are FFTW half-complex grids
+``(P, P, P // 2 + 1)`` [z, y, x], ``P = pad · d`` (:func:`halfcomplex_to_centred`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import torch
+
+from cryoprior.core.ctf import ctf_2d
+from cryoprior.core.rotations import euler_to_matrix
+from cryoprior.errors import InputError
+from cryoprior.fileutil import atomic_path
+from cryoprior.io.stack import ParticleStack
+from cryoprior.io.star import read_blocks
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------ particles: poses and CTF
+def half_sets(stack: ParticleStack) -> np.ndarray:
+    """Half-set label 1 or 2 per particle: ``rlnRandomSubset``, else alternating rows."""
+    if stack.has_column("rlnRandomSubset"):
+        subset = np.asarray(stack.column("rlnRandomSubset"), dtype=np.int64)
+        if set(np.unique(subset)) <= {1, 2} and len(np.unique(subset)) == 2:
+            return subset
+        raise InputError(f"rlnRandomSubset must hold 1 and 2, found {sorted(set(subset.tolist()))}", stack.path)
+    log.warning("%s: no rlnRandomSubset; alternating particles go to half 1 and 2", stack.path)
+    return np.arange(len(stack)) % 2 + 1
+
+
+def poses_from_star(stack: ParticleStack, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation matrices ``(n, 3, 3)`` (RELION ZYZ, see ``core``) and origin shifts ``(n, 2)`` in
+    pixels for ``rows``; ``rlnOrigin{X,Y}Angst`` (3.1) or ``rlnOrigin{X,Y}`` (3.0, pixels)."""
+    names = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+    missing = [c for c in names if not stack.has_column(c)]
+    if missing:
+        raise InputError(f"no poses: missing {', '.join(missing)} (use --refine)", stack.path)
+    rot, tilt, psi = (torch.as_tensor(stack.column(c)[rows].astype(np.float64)) for c in names)
+    shifts = torch.zeros(len(rows), 2, dtype=torch.float64)
+    for axis, c in enumerate(("X", "Y")):
+        if stack.has_column(f"rlnOrigin{c}Angst"):
+            shifts[:, axis] = torch.as_tensor(stack.column(f"rlnOrigin{c}Angst")[rows].astype(np.float64)) / stack.pixel_size_a
+        elif stack.has_column(f"rlnOrigin{c}"):  # RELION 3.0, pixels
+            shifts[:, axis] = torch.as_tensor(stack.column(f"rlnOrigin{c}")[rows].astype(np.float64))
+    return euler_to_matrix(rot, tilt, psi).float(), shifts.float()
+
+
+def ctf_from_star(stack: ParticleStack, rows: np.ndarray, device=None) -> torch.Tensor | None:
+    """Centred CTFs ``(n, d, d)`` of ``rows`` from the RELION CTF columns, None without them."""
+    if not stack.has_column("rlnDefocusU"):
+        return None
+
+    def col(name: str, default: float) -> torch.Tensor:
+        values = stack.column(name)[rows] if stack.has_column(name) else np.full(len(rows), default)
+        return torch.as_tensor(np.asarray(values, dtype=np.float64))
+
+    u = col("rlnDefocusU", 0.0)
+    v = col("rlnDefocusV", 0.0) if stack.has_column("rlnDefocusV") else u
+    return ctf_2d(
+        stack.box, stack.pixel_size_a, u, v, col("rlnDefocusAngle", 0.0), col("rlnVoltage", 300.0),
+        col("rlnSphericalAberration", 2.7), col("rlnAmplitudeContrast", 0.1), col("rlnPhaseShift", 0.0),
+        col("rlnCtfBfactor", 0.0), device=device, dtype=torch.float32,
+    )
+
+
+# -------------------------------------------------------------- external reconstruction
+GENERAL, TAU2 = "external_reconstruct_general", "external_reconstruct_tau2"
+_GENERAL_KEYS = (
+    "rlnExtReconsDataReal", "rlnExtReconsDataImag", "rlnExtReconsWeight", "rlnExtReconsResult",
+    "rlnTau2FudgeFactor", "rlnPaddingFactor", "rlnReferenceDimensionality", "rlnOriginalImageSize",
+    "rlnCurrentImageSize",
+)
+_TAU2_KEYS = ("rlnSpectralIndex", "rlnReferenceTau2", "rlnGoldStandardFsc")
+RESULT_STAR_KEY = "rlnExtReconsResultStarfile"
+
+
+def halfcomplex_to_centred(h: torch.Tensor) -> torch.Tensor:
+    """FFTW half-complex ``(P, P, P // 2 + 1)`` (origin at 0) → centred full grid ``(P, P, P)``.
+
+    Negative x frequencies come from Hermitian symmetry, ``F(−k) = conj F(k)`` (for a real K
+    this mirrors it). The recipe, checked against our centred FFT (``core.fft``)::
+
+        >>> import torch
+        >>> from cryoprior.core.fft import fft3c
+        >>> x = torch.randn(6, 6, 6, dtype=torch.float64)
+        >>> h = torch.fft.rfftn(torch.fft.ifftshift(x))        # what RELION writes (× scale)
+        >>> torch.allclose(halfcomplex_to_centred(h), fft3c(x))
+        True
+    """
+    p = h.shape[0]
+    if h.dim() != 3 or h.shape != (p, p, p // 2 + 1):
+        raise ValueError(f"expected a half-complex grid (P, P, P // 2 + 1), got {tuple(h.shape)}")
+    mirrored = torch.roll(torch.flip(h, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))  # h[-z, -y, :]
+    n_neg = p - (p // 2 + 1)  # x indices p//2+1 .. p-1 hold kx = -(p - j)
+    neg = mirrored[..., 1 : n_neg + 1].flip(-1)
+    full = torch.cat([h, neg.conj() if neg.is_complex() else neg], dim=-1)  # (p, p, p), FFTW order
+    return torch.fft.fftshift(full)
+
+
+@dataclass
+class ExternalJob:
+    """One RELION external-reconstruction request, read and checked."""
+
+    star: Path
+    data_real: Path
+    data_imag: Path
+    weight: Path
+    result: Path
+    fudge: float
+    pad: int
+    ori_size: int
+    current_size: int
+    pixel_size_a: float | None
+    tau2: np.ndarray  # (ori // 2 + 1,) RELION's τ²
+    fsc: np.ndarray  # (ori // 2 + 1,)
+    result_star: Path | None = None  # rlnExtReconsResultStarfile, when RELION names one
+
+    @property
+    def is_half(self) -> bool:
+        return any(f"_half{i}" in self.star.name for i in (1, 2))
+
+
+def _resolve(name: str, star: Path) -> Path:
+    """RELION's paths are relative to its project folder (our cwd); else try beside the STAR."""
+    p = Path(name)
+    if p.is_absolute() or p.exists() or not (star.parent / p).exists():
+        return p
+    return star.parent / p
+
+
+def read_job(star: str | Path) -> ExternalJob:
+    """Parse ``<root>_external_reconstruct.star``; ``InputError`` naming the file when malformed."""
+    star = Path(star)
+    blocks = read_blocks(star)
+    if GENERAL not in blocks or TAU2 not in blocks:
+        found = ", ".join(f"data_{b}" for b in blocks) or "none"
+        raise InputError(f"need blocks data_{GENERAL} and data_{TAU2}; found {found}", star)
+    general = blocks[GENERAL]
+    general = general.iloc[0].to_dict() if isinstance(general, pd.DataFrame) else dict(general)
+    missing = [k for k in _GENERAL_KEYS if k not in general]
+    if missing:
+        raise InputError(f"data_{GENERAL} lacks {', '.join(missing)}", star)
+    tau = blocks[TAU2] if isinstance(blocks[TAU2], pd.DataFrame) else pd.DataFrame([blocks[TAU2]])
+    missing = [k for k in _TAU2_KEYS if k not in tau.columns]
+    if missing:
+        raise InputError(f"data_{TAU2} lacks column(s) {', '.join(missing)}", star)
+    try:
+        ori, cur = int(general["rlnOriginalImageSize"]), int(general["rlnCurrentImageSize"])
+        pad_f, fudge = float(general["rlnPaddingFactor"]), float(general["rlnTau2FudgeFactor"])
+        dim = int(general["rlnReferenceDimensionality"])
+        pixel = float(general["rlnPixelSize"]) if "rlnPixelSize" in general else None
+        idx = tau["rlnSpectralIndex"].to_numpy(dtype=np.int64)
+        tau2_col = tau["rlnReferenceTau2"].to_numpy(dtype=np.float64)
+        fsc_col = tau["rlnGoldStandardFsc"].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"non-numeric value in the STAR ({exc})", star) from exc
+    if dim != 3:
+        raise InputError(f"only 3D references are supported, rlnReferenceDimensionality = {dim}", star)
+    if ori < 2 or pad_f < 1 or round(pad_f) != pad_f or not 0 < cur <= ori:
+        raise InputError(f"bad sizes: original {ori}, current {cur}, padding {pad_f:g} (integer >= 1)", star)
+    if idx.size and (idx.min() < 0 or idx.max() > ori // 2):
+        raise InputError(f"rlnSpectralIndex outside 0..{ori // 2}", star)
+    tau2, fsc = np.zeros(ori // 2 + 1), np.zeros(ori // 2 + 1)
+    tau2[idx], fsc[idx] = tau2_col, fsc_col
+    real, imag, weight = (_resolve(str(general[k]), star) for k in _GENERAL_KEYS[:3])
+    beside = real == star.parent / str(general["rlnExtReconsDataReal"])  # inputs found beside the STAR
+
+    def output(key: str) -> Path | None:
+        value = general.get(key)
+        if value is None or not str(value).strip():
+            return None
+        path = Path(str(value))
+        return star.parent / path if beside and not path.is_absolute() else path  # write there too
+
+    result = output("rlnExtReconsResult")
+    if result is None:
+        raise InputError("rlnExtReconsResult is empty", star)
+    return ExternalJob(
+        star, real, imag, weight, result,
+        fudge=fudge, pad=int(pad_f), ori_size=ori, current_size=cur, pixel_size_a=pixel, tau2=tau2, fsc=fsc,
+        result_star=output(RESULT_STAR_KEY),
+    )
+
+
+def read_grid(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    if not path.is_file():
+        raise InputError("file not found", path)
+    try:
+        with mrcfile.open(path, mode="r", permissive=True) as mrc:
+            if mrc.data is None:
+                raise ValueError("no data block")
+            data = np.asarray(mrc.data, dtype=np.float32).copy()
+    except (ValueError, OSError) as exc:
+        raise InputError(f"not a readable MRC file ({exc})", path) from exc
+    if data.shape != shape:
+        raise InputError(f"shape (z, y, x) = {data.shape}, expected (P, P, P/2+1) = {shape}", path)
+    if not np.isfinite(data).all():
+        raise InputError("contains NaN or Inf", path)
+    return data
+
+
+def write_tau2_star(path: Path, tau2_relion: np.ndarray, fsc: np.ndarray) -> Path:
+    """Write ``data_external_reconstruct_tau2`` (rlnSpectralIndex, rlnReferenceTau2 in RELION's
+    units, rlnGoldStandardFsc), one row per shell ``0..len - 1``, atomically. Returns ``path``."""
+    if tau2_relion.shape != fsc.shape or tau2_relion.ndim != 1:
+        raise ValueError(f"τ² {tau2_relion.shape} and FSC {fsc.shape} must be 1D of the same length")
+    text = f"\n# version 30001\n\ndata_{TAU2}\n\nloop_ \n"
+    text += "".join(f"_{key} #{i + 1} \n" for i, key in enumerate(_TAU2_KEYS))
+    text += "".join(f"{i:12d} {t:15.8e} {f:12.6f} \n" for i, (t, f) in enumerate(zip(tau2_relion, fsc)))
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + " \n")
+    return path

@@ -1,0 +1,385 @@
+"""CDAE: cascaded denoising autoencoders (Lei & Yang, Front. Genet. 2021).
+
+1. **Pre-training** on simulated pairs of the same projections: block ``j`` learns
+   ``SNR_j → SNR_{j+1}`` (default 0.1 → 0.4 → 0.6 → clean) under an MSE loss, RMSprop as in
+   the paper (Adam an option). Block 1 reads the SNR_1 images. With ``pretrain_inputs="pairs"``
+   (the default) block ``j > 1`` reads the simulated SNR_j images; ``"cascade"`` gives it block
+   ``j-1``'s output for those projections instead. "cascade" collapses on views that differ
+   little (4 views of 1AKE, 48 px, SNR 0.1): block 1's MSE-optimal output already leans towards
+   the mean projection, the per-image renormalisation hides the lost contrast, and blocks 2-3
+   trained on such inputs learn to output the mean image (spread of the outputs across
+   particles 0.02 of the clean images'; "pairs" 0.4-0.5). For the same reason the default
+   ``dropout`` is 0: the paper's 0.5 on the narrow default widths leaves block 1 too weak to
+   tell the views apart.
+   ``augment="dihedral"`` (default) passes each pre-training batch through a random symmetry of
+   the square, the same for input and target: the bench's pre-training set has four views of
+   one structure, and without it the blocks learn those few templates (k-means F1 of block-1
+   output on the 1OR4 test set 0.963 → 0.970; later blocks gain more, see below).
+2. **Fine-tuning** on the target stack, which has no clean images: block by block, in order,
+   each starting from its pre-trained weights, the target of each image is the mean over its
+   ``k`` (30) nearest neighbours among the block's outputs (faiss on the flattened outputs
+   after PCA, Euclidean or correlation); the fine-tuned block's output feeds the next block.
+   What is averaged is ``knn_values``: the neighbours' *raw* images by default ("raw"), their
+   block outputs ("output", the paper's reading) or their block inputs ("input"). Averaging
+   outputs compounds over the blocks like repeated diffusion on the k-NN graph and merges
+   similar views; averaging the raw images (30 of them: SNR ×30) does not. Measured with
+   ``bench cdae``'s protocol (pre-trained on 1HVR, 4 views × 250 at SNR 0.1, 64 px, 1 thread),
+   k-means F1 after a three-module cascade, 1OR4 / 1PWC: "output" 0.686 / 0.958, "raw" with
+   dihedral augmentation 0.774 / 0.976; PSNR 24.1 / 22.3 dB against 19.6 / 17.9 dB for the
+   low-pass baseline. Fine-tuning uses its own learning rate ``finetune_lr`` (3e-4): RMSprop's
+   first steps move every weight by ~10× the learning rate, and at the pre-training 1e-3 a short
+   fine-tuning (200 images, 1 epoch) left the output below the noisy input's PSNR (8.7 vs
+   10.1 dB; 17.8 dB at 3e-4). With the paper's three encoder modules, block 3 still merged the
+   three 1OR4 views whose clean images correlate at 0.87–0.90 (after block 2: F1 0.96), and
+   neither wider blocks (16-32-64), residual blocks (no denoising: the 8× pooled bottleneck
+   cannot carry pixel noise), arbitrary-angle augmentation, cascade pre-training inputs, fewer
+   pre-training epochs nor k = 10 changed that; the receptive field did.
+   **Receptive field.** The cause: a block whose receptive field spans the particle learns,
+   from pre-training pairs of four views of one structure, to *recognise* the view and output its
+   template (at SNR 0.4 and above the view is easy to tell), and then snaps another structure's
+   images to those templates. Block 1, at SNR 0.1, cannot tell the views apart and learns a
+   generic local denoiser, which is why it alone kept the views. So the default is two encoder
+   modules (``widths=[8, 16]``: receptive field ~18 px, under the particle diameter of ~50 px at
+   64 px) rather than the paper's three (~36 px). ``bench cdae`` grid, 150 test images per view,
+   k-means F1 on 1H4A / 1OR4 / 1PWC at SNR 0.1: 1.000 / 0.990 / 0.993 (three modules 0.998 /
+   0.955 / 0.889); at SNR 0.01: 0.912 / 0.771 / 0.719 (three modules 0.648 / 0.455 / 0.476;
+   low-pass 0.951 / 0.862 / 0.714; oracle 0.972 / 0.930 / 0.908). PSNR at SNR 0.1 stays at
+   21–23 dB. For larger images or the paper's set-up, pass ``--widths 32 64 128``.
+3. Optional **histogram equalisation** of the final output (rank-based, per image).
+
+The paper's ablation **single DAE**: one block, no pre-training, targets the k-NN means of the
+input images themselves.
+
+Every image is normalised to zero mean and unit variance before a block (see
+:mod:`cryoprior.nn.cdae_ops`); outputs are in those units.
+
+>>> run = train_cdae("sim_pretrain/", "particles.star", CDAEConfig(), "runs/cdae", "auto")  # doctest: +SKIP
+>>> model = load_model(run, "cpu")                                                           # doctest: +SKIP
+>>> denoised = denoise_images(model, images, batch_size=256, device="cpu")       # (n, d, d)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cryoprior.config import config_to_dict, write_run_config
+from cryoprior.errors import InputError
+from cryoprior.io.stack import ParticleStack
+from cryoprior.nn.cdae_ops import (
+    KNN_METRICS,
+    as_images,
+    histogram_equalize,
+    knn_mean_targets,
+    load_levels,
+    normalize,
+    psnr_normalised,
+)
+from cryoprior.nn.denoiser import (
+    PRECISIONS,
+    denoise_images,
+    denoise_tensor,
+    load_model,
+    save_model,
+)
+from cryoprior.nn.models.cdae import CDAECascade, ConvAEBlock
+from cryoprior.nn.training import (
+    AUGMENTATIONS,
+    OPTIMIZERS,
+    fit_pairs,
+    load_checkpoint,
+    resolve_device,
+    save_loss_curves,
+)
+
+log = logging.getLogger(__name__)
+
+KNN_FEATURES = ("output", "input")  # where fine-tuning finds each image's neighbours
+KNN_VALUES = ("output", "input", "raw")  # what it averages over them into the target
+
+__all__ = [
+    "CDAEConfig",
+    "denoise_images",
+    "finetune_cascade",
+    "histogram_equalize",
+    "knn_mean_targets",
+    "load_model",
+    "pretrain_cascade",
+    "psnr_normalised",
+    "train_cdae",
+    "train_single_dae",
+]
+
+
+@dataclass
+class CDAEConfig:
+    """Architecture, pre-training and fine-tuning of CDAE (and of the single-DAE ablation)."""
+
+    widths: list[int] = field(
+        default_factory=lambda: [8, 16],
+        metadata={"help": "channels of the encoder modules, one pooling each (paper: 32 64 128, three "
+                          "modules; they learn the pre-training views as templates, see the module notes)"},
+    )
+    convs_per_module: int = field(default=2, metadata={"help": "3x3 convolutions per encoder module"})
+    dropout: float = field(
+        default=0.0, metadata={"help": "dropout in encoder and decoder (paper: 0.5; collapses the "
+                                       "outputs towards the mean image at the default widths)"},
+    )
+    pretrain_snrs: list[float] = field(
+        default_factory=lambda: [0.1, 0.4, 0.6, math.inf],
+        metadata={"help": "SNR ladder of the pre-training pairs, one block per step (inf = clean)"},
+    )
+    pretrain_inputs: str = field(
+        default="pairs", metadata={"choices": ["pairs", "cascade"], "help": "pre-training input of block j > 1: "
+                                   "the simulated SNR_j images (pairs) or block j-1's output (cascade; "
+                                   "collapses on similar views)"},
+    )
+    augment: str = field(
+        default="dihedral", metadata={"choices": list(AUGMENTATIONS), "help": "augmentation of the pre-training "
+                                      "pairs: random 90-degree rotations and mirrors (dihedral), also arbitrary "
+                                      "in-plane angles (rotate), or none"},
+    )
+    pretrain_epochs: int = field(default=10, metadata={"help": "pre-training epochs per block"})
+    finetune_epochs: int = field(default=8, metadata={"help": "fine-tuning epochs per block"})
+    single_dae_epochs: int = field(default=12, metadata={"help": "training epochs of --method single-dae"})
+    batch_size: int = field(default=32, metadata={"help": "minibatch size"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate of pre-training and of the single DAE"})
+    finetune_lr: float = field(
+        default=3e-4, metadata={"help": "learning rate of fine-tuning (RMSprop's first "
+                                "steps are ~10x lr per weight, which at 1e-3 wrecks a pre-trained block)"},
+    )
+    optimizer: str = field(default="rmsprop", metadata={"choices": list(OPTIMIZERS), "help": "optimiser"})
+    knn_rounds: int = field(default=1, metadata={"help": "k-NN target refreshes per block while fine-tuning"})
+    knn_k: int = field(default=30, metadata={"help": "neighbours averaged into each fine-tuning target"})
+    knn_metric: str = field(
+        default="euclidean", metadata={"choices": list(KNN_METRICS), "help": "k-NN distance"}
+    )
+    knn_features: str = field(
+        default="output", metadata={"choices": list(KNN_FEATURES), "help": "fine-tuning: find each image's "
+                                    "neighbours among the block's outputs or among its inputs"},
+    )
+    knn_values: str = field(
+        default="raw", metadata={"choices": list(KNN_VALUES), "help": "fine-tuning: average the "
+                                    "neighbours' block outputs, block inputs or raw images into the target"},
+    )
+    knn_pca_dims: int = field(default=64, metadata={"help": "PCA dimensions before k-NN (0: none)"})
+    equalize: bool = field(default=False, metadata={"help": "histogram-equalise the denoised output"})
+    precision: str = field(
+        default="auto", metadata={"choices": list(PRECISIONS), "help": "inference precision (auto: bf16 on CPUs with native bf16)"}
+    )
+    batch_size_inference: int = field(default=256, metadata={"help": "images per inference batch"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+
+    def validate(self) -> None:
+        if len(self.pretrain_snrs) < 2:
+            raise InputError(f"pretrain_snrs needs at least 2 levels, got {self.pretrain_snrs}")
+        if any(not s > 0 for s in self.pretrain_snrs):
+            raise InputError(f"pretrain_snrs must be positive (inf = clean), got {self.pretrain_snrs}")
+        if not self.widths or min(self.widths) < 1:
+            raise InputError(f"widths must be positive, got {self.widths}")
+        if not 0 <= self.dropout < 1:
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.knn_rounds < 1 or self.knn_k < 1 or self.batch_size < 1 or self.batch_size_inference < 1:
+            raise InputError("knn_rounds, knn_k, batch_size and batch_size_inference must be >= 1")
+        for name, value, allowed in [
+            ("pretrain_inputs", self.pretrain_inputs, ("pairs", "cascade")),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("knn_metric", self.knn_metric, KNN_METRICS),
+            ("knn_features", self.knn_features, KNN_FEATURES),
+            ("knn_values", self.knn_values, KNN_VALUES),
+            ("augment", self.augment, AUGMENTATIONS),
+            ("precision", self.precision, PRECISIONS),
+        ]:
+            if value not in allowed:
+                raise InputError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if min(self.pretrain_epochs, self.finetune_epochs, self.single_dae_epochs) < 0:
+            raise InputError("epochs must be >= 0")
+        if not (self.lr > 0 and self.finetune_lr > 0):
+            raise InputError(f"learning rates must be positive, got {self.lr}, {self.finetune_lr}")
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.pretrain_snrs) - 1
+
+    def block_arch(self) -> dict:
+        return {"widths": list(self.widths), "convs_per_module": self.convs_per_module, "dropout": self.dropout}
+
+    def fit_kwargs(self, device, finetune: bool = False) -> dict:
+        return {
+            "batch_size": self.batch_size, "lr": self.finetune_lr if finetune else self.lr,
+            "optimizer": self.optimizer, "seed": self.seed, "device": device,
+        }
+
+
+def _seeded(fn, seed: int):
+    """Call ``fn()`` with the global torch RNG seeded, restoring it afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn()
+
+
+def _done(checkpoint: Path | None, epochs: int) -> bool:
+    return checkpoint is not None and checkpoint.exists() and load_checkpoint(checkpoint)["epoch"] >= epochs
+
+
+def new_cascade(config: CDAEConfig, n_blocks: int | None = None) -> CDAECascade:
+    """An untrained cascade, initialised from ``config.seed``."""
+    n = config.n_blocks if n_blocks is None else n_blocks
+    return _seeded(lambda: CDAECascade(n, **config.block_arch()), config.seed)
+
+
+def pretrain_cascade(
+    levels: list[torch.Tensor] | str | Path,
+    config: CDAEConfig,
+    device: str | torch.device = "auto",
+    checkpoint_dir: str | Path | None = None,
+) -> tuple[CDAECascade, dict[str, list[float]]]:
+    """Pre-train a new cascade on normalised SNR levels ``[(n, 1, d, d), ...]`` (or a simulated
+    folder, read with ``load_levels``). Returns the cascade and the loss curve of each block."""
+    config.validate()
+    device = resolve_device(device)
+    if not isinstance(levels, list):
+        levels = load_levels(levels, config.pretrain_snrs)
+    if len(levels) != config.n_blocks + 1:
+        raise ValueError(f"{len(levels)} SNR levels for {config.n_blocks} blocks")
+    cascade = new_cascade(config)
+    ckdir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    curves = {}
+    x = levels[0]
+    for j, block in enumerate(cascade.blocks):
+        if j > 0:
+            prev = cascade.blocks[j - 1]
+            x = normalize(denoise_tensor(prev, x, config.batch_size_inference, device)[:, 0]) \
+                if config.pretrain_inputs == "cascade" else levels[j]
+        desc = f"pre-train block {j + 1} (SNR {config.pretrain_snrs[j]:g} -> {config.pretrain_snrs[j + 1]:g})"
+        ckpt = None if ckdir is None else ckdir / f"pretrain_{j + 1}.pt"
+        curves[f"pretrain block {j + 1}"] = fit_pairs(
+            block, x, levels[j + 1], epochs=config.pretrain_epochs, checkpoint=ckpt, desc=desc,
+            augment=config.augment, **config.fit_kwargs(device),
+        )
+    return cascade.eval(), curves
+
+
+def finetune_cascade(
+    cascade: CDAECascade,
+    images,
+    config: CDAEConfig,
+    device: str | torch.device = "auto",
+    checkpoint_dir: str | Path | None = None,
+) -> tuple[CDAECascade, dict[str, list[float]]]:
+    """Fine-tune a copy of a pre-trained cascade on ``images`` ``(n, d, d)`` with k-NN mean targets.
+
+    Blocks in order: the targets of block ``j`` are the means, over each image's ``knn_k``
+    nearest neighbours, of the pre-trained block's outputs; the fine-tuned block's (normalised)
+    output is the next block's input.
+    """
+    config.validate()
+    device = resolve_device(device)
+    cascade = copy.deepcopy(cascade)
+    x = raw = normalize(images)  # (n, 1, d, d)
+    ckdir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    curves = {}
+    for j, block in enumerate(cascade.blocks):
+        losses: list[float] = []
+        for r in range(config.knn_rounds):
+            name = f"finetune_{j + 1}" + (f"_round{r + 1}" if config.knn_rounds > 1 else "")
+            ckpt = None if ckdir is None else ckdir / f"{name}.pt"
+            if _done(ckpt, config.finetune_epochs):  # resumed: targets not needed
+                targets = x
+            else:
+                out = denoise_tensor(block, x, config.batch_size_inference, device)  # (n, 1, d, d)
+                feats = out if config.knn_features == "output" else x
+                vals = {"output": out, "input": x, "raw": raw}[config.knn_values]
+                targets = knn_mean_targets(feats, vals, config.knn_k, config.knn_metric, config.knn_pca_dims, config.seed)
+            losses += fit_pairs(
+                block, x, targets, epochs=config.finetune_epochs, checkpoint=ckpt,
+                desc=f"fine-tune block {j + 1}/{len(cascade.blocks)}", **config.fit_kwargs(device, finetune=True),
+            )
+        curves[f"finetune block {j + 1}"] = losses
+        if j + 1 < len(cascade.blocks):
+            x = normalize(denoise_tensor(block, x, config.batch_size_inference, device)[:, 0])
+    return cascade.eval(), curves
+
+
+def single_dae(
+    images, config: CDAEConfig, device: str | torch.device = "auto", checkpoint: str | Path | None = None
+) -> tuple[ConvAEBlock, list[float]]:
+    """The ablation: one block, random initialisation, trained on ``images`` ``(n, d, d)``
+    towards the k-NN means of the (normalised) input images."""
+    config.validate()
+    x = normalize(images)  # (n, 1, d, d)
+    block = _seeded(lambda: ConvAEBlock(**config.block_arch()), config.seed)
+    ckpt = None if checkpoint is None else Path(checkpoint)
+    targets = x if _done(ckpt, config.single_dae_epochs) else knn_mean_targets(
+        x, None, config.knn_k, config.knn_metric, config.knn_pca_dims, config.seed
+    )
+    losses = fit_pairs(
+        block, x, targets, epochs=config.single_dae_epochs, checkpoint=ckpt, desc="single DAE",
+        **config.fit_kwargs(resolve_device(device)),
+    )
+    return block.eval(), losses
+
+
+# --------------------------------------------------------------------------------- run folders
+def _target_images(target_stack) -> torch.Tensor:
+    if isinstance(target_stack, (str, Path)):
+        target_stack = ParticleStack.from_file(target_stack)
+    return as_images(target_stack)
+
+
+def train_cdae(
+    pretrain_dir: str | Path,
+    target_stack,
+    config: CDAEConfig | None,
+    out_dir: str | Path,
+    device: str | torch.device = "auto",
+) -> Path:
+    """Pre-train on ``pretrain_dir`` (``cryoprior simulate --snr-levels ...``), fine-tune on
+    ``target_stack`` (ParticleStack, STAR/MRCS path or ``(n, d, d)`` images) and write
+    ``out_dir``: ``model.pt``, ``checkpoints/``, ``losses.json``/``.png``, ``config.yaml``.
+
+    Resumable: run again with the same ``out_dir`` and finished blocks and epochs are skipped.
+    Returns ``out_dir``.
+    """
+    config = config or CDAEConfig()
+    config.validate()
+    out_dir = Path(out_dir)
+    images = _target_images(target_stack)
+    levels = load_levels(pretrain_dir, config.pretrain_snrs)
+    if levels[0].shape[-2:] != images.shape[-2:]:
+        raise InputError(
+            f"pre-training images are {tuple(levels[0].shape[-2:])} px, the target's are "
+            f"{tuple(images.shape[-2:])} px", pretrain_dir,
+        )
+    ckdir = out_dir / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    write_run_config(out_dir / "config.yaml", config, method="cdae", pretrain=str(pretrain_dir))
+    cascade, curves = pretrain_cascade(levels, config, device, ckdir)
+    cascade, ft_curves = finetune_cascade(cascade, images, config, device, ckdir)
+    curves.update(ft_curves)
+    save_model(out_dir / "model.pt", "cdae", {"kind": "cdae", "n_blocks": config.n_blocks, **config.block_arch()},
+               cascade, config_to_dict(config))
+    save_loss_curves(curves, out_dir)
+    return out_dir
+
+
+def train_single_dae(
+    target_stack, config: CDAEConfig | None, out_dir: str | Path, device: str | torch.device = "auto"
+) -> Path:
+    """The single-DAE ablation as a run folder (same layout as :func:`train_cdae`)."""
+    config = config or CDAEConfig()
+    config.validate()
+    out_dir = Path(out_dir)
+    images = _target_images(target_stack)
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    write_run_config(out_dir / "config.yaml", config, method="single-dae")
+    block, losses = single_dae(images, config, device, out_dir / "checkpoints" / "single_dae.pt")
+    save_model(out_dir / "model.pt", "single-dae", {"kind": "dae", **config.block_arch()}, block,
+               config_to_dict(config))
+    save_loss_curves({"single DAE": losses}, out_dir)
+    return out_dir

@@ -1,0 +1,1 @@
+"""Network architectures (``torch.nn.Module`` subclasses built from a config), nothing else."""

@@ -1,0 +1,297 @@
+"""Fourier-space MAP reconstruction: Gaussian prior, RED and CW-RED (Kimanius et al. 2020).
+
+Notation of the paper, on the padded, centred 3D Fourier grid of :mod:`cryoprior.core.projection`
+(``N = pad · d``, zero frequency at ``N // 2``, our unnormalised ``fft2c`` scale):
+
+- eq. (9)   ``B = Σ_i CTF_i · Î_i / σ²``, ``K = Σ_i CTF_i² / σ²`` (trilinear insertion at the poses,
+  each image optionally weighted by its pose probability, σ² the per-shell noise power);
+- eq. (11)  Gaussian prior: ``x = B / (K + τ⁻²)``;
+- eq. (12)  ``τ² = T · FSC / (1 − FSC) / ⟨K⟩_shell`` per shell (``T`` RELION's fudge factor,
+  ``⟨K⟩`` the mean weight over the shell's voxels, FSC clamped to [0.001, 0.999] as RELION);
+  for a map from both halves the full-set FSC ``2 FSC / (1 + FSC)`` is used;
+- eq. (17)  RED: ``x = (B + λ τ⁻² f(x̃)) / (K + τ⁻²)`` with ``x̃ = B / K`` and ``f`` a denoiser
+  applied in real space. We evaluate it as ``(τ² B + λ f̂) / (τ² K + 1)``, defined for τ² = 0.
+- CW-RED:   ``λ`` from the half-map resolution: 0 at ``cw_low_a`` (10 Å) or worse, 1 at
+  ``cw_high_a`` (4.5 Å) or better, linear in between (the paper's rule; the public reference
+  script's threshold test always yields λ = 1).
+
+Padded voxel ``k`` belongs to shell ``round(|k| / pad)`` of the original box (as RELION); only
+voxels with ``|k|² < round(r_max · pad)²`` take part (``r_max`` = current size / 2), the rest
+of the result is zero. Real-space maps come out of :func:`~cryoprior.core.projection.
+fourier_to_volume` (cropped, gridding-corrected); :func:`volume_to_fourier` is its inverse.
+
+Units of τ² (tested against the truth in ``tests/test_red.py``): the FSC of the cropped half maps
+gives the SSNR of the box-sized map, so eq. (12) makes τ² = pad³ · ⟨|F(V)|²⟩_shell / σ², σ² the
+noise power of one ``fft2c`` coefficient — RELION's ``rlnReferenceTau2`` × pad³. RELION divides
+by pad³ in ``sigma2`` and multiplies by it again in ``invtau2``; the ``1 / τ²`` added to K is the
+same (``⟨K⟩ (1 − FSC) / (T · FSC)``), and scaling it by 1/4 or 4 raises the error to the truth.
+The Wiener weights do not lower the FSC to the truth on the padded grid, but the crop to the box
+(like any mask) mixes neighbouring shells: where SSNR ≪ 1 the attenuated shell then carries
+leakage from the lower, less-attenuated ones, so the FSC of the *regularised* map to a reference
+falls below that of B / K near 0.143. Resolution is read from the unregularised half maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from cryoprior.core.fft import fft3c
+from cryoprior.core.fsc import fsc, resolution_at
+from cryoprior.core.projection import fourier_to_volume, gridding_kernel
+from cryoprior.recon.accumulate import Accumulator
+
+Denoiser = Callable[[torch.Tensor], torch.Tensor]
+PRIORS = ("gaussian", "red", "cw-red")
+
+
+@dataclass
+class ReconstructionConfig:
+    """The M-step: prior, padding and the τ² / λ rules."""
+
+    prior: str = field(default="gaussian", metadata={"choices": list(PRIORS), "help": "M-step prior"})
+    pad: int = field(default=2, metadata={"help": "Fourier padding factor"})
+    tau2_fudge: float = field(default=1.0, metadata={"help": "RELION's τ² fudge factor T"})
+    red_lambda: float = field(default=1.0, metadata={"help": "λ of --prior red"})
+    cw_low_a: float = field(default=10.0, metadata={"help": "CW-RED: λ = 0 at this resolution (Å) or worse"})
+    cw_high_a: float = field(default=4.5, metadata={"help": "CW-RED: λ = 1 at this resolution (Å) or better"})
+    fsc_threshold: float = field(default=0.143, metadata={"help": "FSC threshold for the resolution"})
+    weight_floor: float = field(
+        default=1e-3, metadata={"help": "x̃ = B / max(K, floor · mean K): relative floor of K"}
+    )
+
+    def validate(self) -> None:
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
+        if self.pad < 1:
+            raise ValueError(f"pad must be >= 1, got {self.pad}")
+        if not self.tau2_fudge > 0:
+            raise ValueError(f"tau2_fudge must be positive, got {self.tau2_fudge}")
+        if not 0 < self.cw_high_a < self.cw_low_a:
+            raise ValueError(f"need 0 < cw_high_a < cw_low_a, got {self.cw_high_a}, {self.cw_low_a}")
+
+
+# ---------------------------------------------------------------------------- shells and τ²
+def padded_shells(n: int, pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ires, r²)`` on the centred ``(n, n, n)`` grid: ``round(|k| / pad)`` and ``|k|²``."""
+    f = torch.arange(n, device=device, dtype=torch.float64) - n // 2
+    r2 = f[:, None, None] ** 2 + f[None, :, None] ** 2 + f[None, None, :] ** 2
+    return torch.round(torch.sqrt(r2) / pad).long(), r2
+
+
+def inside_mask(n: int, pad: int, r_max: float, device=None) -> torch.Tensor:
+    """Voxels that take part: ``|k|² < round(r_max · pad)²`` (RELION's ``max_r2``). Bool ``(n,)*3``."""
+    _, r2 = padded_shells(n, pad, device)
+    return r2 < round(r_max * pad) ** 2
+
+
+def shell_mean_weight(weight: torch.Tensor, pad: int, box: int, r_max: float | None = None) -> torch.Tensor:
+    """Mean of K over the padded voxels of each shell ``0..box // 2`` (inside ``r_max``). float64."""
+    n = weight.shape[-1]
+    r_max = box // 2 if r_max is None else r_max
+    ires, _ = padded_shells(n, pad, weight.device)
+    keep = inside_mask(n, pad, r_max, weight.device) & (ires <= box // 2)
+    idx = ires[keep]
+    sums = torch.zeros(box // 2 + 1, dtype=torch.float64, device=weight.device)
+    sums.index_add_(0, idx, weight[keep].double())
+    counts = torch.bincount(idx, minlength=box // 2 + 1).double()
+    return torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
+
+
+def full_set_fsc(fsc_half: torch.Tensor) -> torch.Tensor:
+    """FSC expected between two full-set maps from the half-set FSC: ``2 f / (1 + f)`` (f ≥ 0)."""
+    f = fsc_half.clamp(min=0.0)
+    return 2 * f / (1 + f)
+
+
+def tau2_from_fsc(fsc_curve: torch.Tensor, mean_weight: torch.Tensor, fudge: float = 1.0) -> torch.Tensor:
+    """Eq. (12): ``τ² = T · FSC / (1 − FSC) / ⟨K⟩`` per shell, FSC clamped to [0.001, 0.999].
+
+    Shells with no weight get τ² = 0 (the prior alone; zero for the Gaussian prior).
+    """
+    if fsc_curve.shape != mean_weight.shape:
+        raise ValueError(f"fsc {tuple(fsc_curve.shape)} and mean weight {tuple(mean_weight.shape)} differ")
+    f = fsc_curve.double().clamp(0.001, 0.999)
+    k = mean_weight.double().to(f.device)
+    return torch.where(k > 0, fudge * f / (1 - f) / k.clamp(min=1e-300), 0.0)
+
+
+def tau2_grid(tau2: torch.Tensor, n: int, pad: int, r_max: float | None = None) -> torch.Tensor:
+    """Spread per-shell τ² ``(box // 2 + 1,)`` over the padded grid; 0 beyond the shells/r_max."""
+    box_half = tau2.shape[0] - 1
+    r_max = box_half if r_max is None else r_max
+    ires, _ = padded_shells(n, pad, tau2.device)
+    keep = inside_mask(n, pad, r_max, tau2.device) & (ires <= box_half)
+    return torch.where(keep, tau2[ires.clamp(max=box_half)], 0.0)
+
+
+# ---------------------------------------------------------------------------- updates
+def map_update(
+    data: torch.Tensor, weight: torch.Tensor, tau2: torch.Tensor, prior_ft: torch.Tensor | None = None,
+    lam: float = 0.0,
+) -> torch.Tensor:
+    """``(τ² B + λ f̂) / (τ² K + 1)``, i.e. eq. (11) (no ``prior_ft``) or eq. (17). Same grid shape."""
+    t = tau2.to(weight.dtype)
+    num = t * data
+    if prior_ft is not None and lam != 0.0:
+        num = num + lam * prior_ft
+    return num / (t * weight + 1.0)
+
+
+def regularised_ratio(data: torch.Tensor, weight: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:
+    """``x̃ = B / max(K, floor · mean(K > 0))``: the unregularised map, defined where K ≈ 0."""
+    pos = weight[weight > 0]
+    k0 = floor * (pos.mean() if pos.numel() else torch.ones((), dtype=weight.dtype, device=weight.device))
+    return data / torch.maximum(weight, k0)
+
+
+def volume_to_fourier(volume: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """Inverse of ``fourier_to_volume``: ``fft3c`` of the padded ``volume · gridding kernel``."""
+    d = volume.shape[-1]
+    n = pad * d
+    g = gridding_kernel(d, n, 3, volume.device, volume.dtype)
+    lo = n // 2 - d // 2
+    padded = torch.nn.functional.pad(volume * g, [lo, n - lo - d] * 3)  # (n, n, n)
+    return fft3c(padded)
+
+
+def apply_denoiser(denoiser: Denoiser, volume: torch.Tensor) -> torch.Tensor:
+    """Run ``denoiser`` on ``volume / std`` and scale back (idempotent with a denoiser that
+    normalises its input by a scale itself; the background keeps its zero level)."""
+    std = volume.std()
+    if not float(std) > 0:
+        return volume.clone()
+    with torch.no_grad():
+        out = denoiser(volume / std)
+    if out.shape != volume.shape:
+        raise ValueError(f"denoiser returned shape {tuple(out.shape)} for input {tuple(volume.shape)}")
+    return out.to(volume.dtype) * std
+
+
+def red_prior_fourier(
+    data: torch.Tensor, weight: torch.Tensor, box: int, pad: int, denoiser: Denoiser, floor: float = 1e-3
+) -> torch.Tensor:
+    """``f̂ = F(f(x̃))``: x̃ = B / K to real space (cropped, gridding-corrected), f, back."""
+    x_tilde = regularised_ratio(data, weight, floor)
+    vol = fourier_to_volume(x_tilde, box)
+    return volume_to_fourier(apply_denoiser(denoiser, vol), pad)
+
+
+def cw_red_lambda(resolution_a: float, low_a: float = 10.0, high_a: float = 4.5) -> float:
+    """CW-RED confidence: 0 at ``low_a`` Å or worse, 1 at ``high_a`` or better, linear between."""
+    if not 0 < high_a < low_a:
+        raise ValueError(f"need 0 < high_a < low_a, got {high_a}, {low_a}")
+    return float(min(1.0, max(0.0, (low_a - resolution_a) / (low_a - high_a))))
+
+
+def cw_red_lambda_from_fsc(
+    fsc_curve: torch.Tensor, box: int, pixel_size_a: float, low_a: float = 10.0, high_a: float = 4.5,
+    threshold: float = 0.143,
+) -> float:
+    """:func:`cw_red_lambda` at the resolution where the half-map FSC crosses ``threshold``."""
+    return cw_red_lambda(resolution_at(fsc_curve, box, pixel_size_a, threshold), low_a, high_a)
+
+
+# ---------------------------------------------------------------------------- whole M-step
+@dataclass
+class MapResult:
+    volume: torch.Tensor  # (d, d, d)
+    tau2: torch.Tensor  # (d // 2 + 1,) per shell
+    lam: float  # λ used (0 for the Gaussian prior)
+
+
+def map_reconstruct(
+    acc: Accumulator,
+    fsc_curve: torch.Tensor,
+    pixel_size_a: float,
+    config: ReconstructionConfig,
+    denoiser: Denoiser | None = None,
+    full_set: bool = False,
+    r_max: float | None = None,
+    lam: float | None = None,
+    tau2: torch.Tensor | None = None,
+) -> MapResult:
+    """The M-step for one map: τ² from ``fsc_curve`` (the half-set FSC, converted when
+    ``full_set``), then eq. (11) or eq. (17) with the configured prior. ``lam`` overrides λ;
+    ``tau2`` ``(box // 2 + 1,)`` overrides the τ² per shell (already scaled to K)."""
+    config.validate()
+    box, pad, n = acc.box, acc.pad, acc.data.shape[-1]
+    r_max = box // 2 if r_max is None else r_max
+    if tau2 is None:
+        curve = full_set_fsc(fsc_curve) if full_set else fsc_curve
+        mean_k = shell_mean_weight(acc.weight, pad, box, r_max)
+        tau2 = tau2_from_fsc(curve.to(acc.weight.device), mean_k, config.tau2_fudge)
+    tau2 = tau2.to(acc.weight.device)
+    grid = tau2_grid(tau2, n, pad, r_max)
+    if lam is None:
+        lam = {
+            "gaussian": 0.0,
+            "red": config.red_lambda,
+            "cw-red": cw_red_lambda_from_fsc(
+                fsc_curve.cpu(), box, pixel_size_a, config.cw_low_a, config.cw_high_a, config.fsc_threshold
+            ),
+        }[config.prior]
+    prior_ft = None
+    if lam != 0.0:
+        if denoiser is None:
+            raise ValueError(f"prior {config.prior!r} needs a denoiser")
+        prior_ft = red_prior_fourier(acc.data, acc.weight, box, pad, denoiser, config.weight_floor)
+    x = map_update(acc.data, acc.weight, grid, prior_ft, lam)
+    x = x * inside_mask(n, pad, r_max, x.device)
+    return MapResult(fourier_to_volume(x, box), tau2, float(lam))
+
+
+def unregularised_volume(acc: Accumulator, floor: float = 1e-3) -> torch.Tensor:
+    """Real-space ``B / K`` (floored), cropped and gridding-corrected. ``(d, d, d)``."""
+    return fourier_to_volume(regularised_ratio(acc.data, acc.weight, floor), acc.box)
+
+
+@dataclass
+class HalfSetResult:
+    half1: MapResult
+    half2: MapResult
+    full: MapResult
+    fsc_unregularised: torch.Tensor  # FSC of the B/K half maps: the SSNR estimate behind τ²
+    fsc_half: torch.Tensor  # FSC of the regularised halves (RELION's gold standard: the line above)
+
+    def resolution_a(self, pixel_size_a: float, threshold: float = 0.143, regularised: bool = True) -> float:
+        curve = self.fsc_half if regularised else self.fsc_unregularised
+        return resolution_at(curve, self.full.volume.shape[-1], pixel_size_a, threshold)
+
+
+def reconstruct_halves(
+    acc1: Accumulator,
+    acc2: Accumulator,
+    pixel_size_a: float,
+    config: ReconstructionConfig,
+    denoiser: Denoiser | None = None,
+    r_max: float | None = None,
+) -> HalfSetResult:
+    """Gold-standard M-step: FSC of the unregularised halves → τ² → prior update of each half
+    (own B, K, own x̃) and of the full map (B1 + B2, full-set FSC). λ comes from that FSC."""
+    fsc_unreg = fsc(unregularised_volume(acc1, config.weight_floor), unregularised_volume(acc2, config.weight_floor), ndim=3)
+    lam = None
+    if config.prior == "cw-red":
+        lam = cw_red_lambda_from_fsc(
+            fsc_unreg.cpu(), acc1.box, pixel_size_a, config.cw_low_a, config.cw_high_a, config.fsc_threshold
+        )
+    h1 = map_reconstruct(acc1, fsc_unreg, pixel_size_a, config, denoiser, False, r_max, lam)
+    h2 = map_reconstruct(acc2, fsc_unreg, pixel_size_a, config, denoiser, False, r_max, lam)
+    full = map_reconstruct(acc1 + acc2, fsc_unreg, pixel_size_a, config, denoiser, True, r_max, lam)
+    return HalfSetResult(h1, h2, full, fsc_unreg, fsc(h1.volume, h2.volume, ndim=3))
+
+
+def load_prior_denoiser(path: str | None, device: torch.device | str = "cpu") -> Denoiser:
+    """The learned 3D prior, ``cryoprior.nn.prior3d.load_denoiser(path, device)`` (None: the
+    model shipped in the package), imported lazily. Raises ``CryopriorError`` when unavailable."""
+    from cryoprior.errors import CryopriorError
+
+    try:
+        from cryoprior.nn.prior3d import load_denoiser
+    except ImportError as exc:
+        raise CryopriorError(
+            f"the learned 3D prior is not available ({exc}); use --prior gaussian"
+        ) from exc
+    return load_denoiser(path, torch.device(device))

@@ -1,0 +1,292 @@
+"""``cryoprior classify``: unsupervised 2D classification of a particle stack.
+
+Every image is normalised first (zero mean, unit standard deviation per image; over the
+background outside ``mask_radius_px`` when given, as ``relion_preprocess --norm``), so that
+classes follow the shape of the signal, not its scale. Then, by ``method``:
+
+- ``kmeans``, ``hc`` (Ward), ``bsk`` (Balanced-Size k-means++): on the pixels;
+- ``pca-kmeans``, ``isomap-kmeans``: k-means on a PCA / Isomap embedding of the pixels;
+- ``align-kmeans``: k-means up to in-plane rotation (``cluster.align``: each image compared with
+  each class average at 36 in-plane angles and, with ``max_shift_px``, integer shifts, as 2D
+  classification in RELION aligns particles); the particles' best angles and shifts are written
+  as ``cpInplaneAngleDeg``, ``cpAlignShiftXPx``, ``cpAlignShiftYPx`` (the image is its class
+  average rotated by the angle, then moved by the shift) and the class averages are of the
+  images moved and rotated back;
+- ``cae-kmeans``: k-means on the codes of a convolutional autoencoder trained on the stack;
+- ``cdae-kmeans``, ``cdae-hc``, ``cdae-align-kmeans``: k-means / Ward / aligned k-means on images
+  denoised by a CDAE cascade (the class averages are of the raw images), either a
+  trained one (``model``, a run folder) or one trained here (kept in ``cdae/``) on data simulated
+  from ``pretrain_structure``: 4 views at the SNR ladder of ``CDAEConfig.pretrain_snrs`` (0.1,
+  0.4, 0.6, clean), the input's box and pixel size, and a seed of its own (``seed + 104729``),
+  so that a simulated input is never its own training data (the 4 views differ from its views).
+
+The output folder holds ``particles.star`` (the input's rows and columns, image names pointing at
+the input's stacks, plus ``rlnClassNumber`` 1..K with class 1 the largest), ``class_averages.mrcs``
+and ``class_averages.star`` (averages of the raw images per class), ``config.yaml`` and, when the
+input carries truth labels (``cpViewLabel`` >= 0, else ``cpConformationLabel``), ``metrics.json``
+with Hungarian-matched F1, precision, recall, accuracy, NMI and ARI. It is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cryoprior.classical.cluster import align_kmeans, class_sums, cluster
+from cryoprior.classical.cluster.align import to_class_frame
+from cryoprior.classical.cluster.averages import averages_from_sums
+from cryoprior.config import write_run_config
+from cryoprior.core.filters import normalize_images
+from cryoprior.core.metrics import classification_scores
+from cryoprior.errors import InputError, OutputExistsError
+from cryoprior.fileutil import atomic_dir
+from cryoprior.io.mrc import write_mrcs
+from cryoprior.io.stack import ParticleStack
+from cryoprior.io.star import resolve_image_names, write_star
+from cryoprior.nn.training import resolve_device
+
+log = logging.getLogger(__name__)
+
+METHODS = ("kmeans", "hc", "pca-kmeans", "isomap-kmeans", "bsk", "align-kmeans", "cae-kmeans", "cdae-kmeans",
+           "cdae-hc", "cdae-align-kmeans")
+# align-kmeans: an image is its class average rotated by the angle, then moved by the shift
+ALIGN_COLUMNS = ("cpInplaneAngleDeg", "cpAlignShiftXPx", "cpAlignShiftYPx")
+TRUTH_COLUMNS = ("cpViewLabel", "cpConformationLabel")
+PRETRAIN_VIEWS = 4
+#: pre-training data get their own random stream (views, noise), never a target's simulated with --seed
+PRETRAIN_SEED_OFFSET = 104_729
+
+
+@dataclass
+class ClassifyConfig:
+    """One classification run (saved in ``config.yaml``)."""
+
+    classes: int = field(metadata={"help": "number of classes K", "metavar": "K"})
+    method: str = field(default="pca-kmeans", metadata={"choices": list(METHODS), "help": "clustering method"})
+    model: str | None = field(
+        default=None, metadata={"metavar": "RUN_DIR", "help": "trained CDAE run folder (cdae-* methods)"}
+    )
+    pretrain_structure: str | None = field(
+        default=None,
+        metadata={"metavar": "FILE", "help": "structure to simulate CDAE pre-training data from (cdae-* without --model)"},
+    )
+    device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"], "help": "torch device"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    mask_radius_px: float | None = field(
+        default=None, metadata={"flag": "--mask-radius", "help": "normalise on the background outside this radius (px)"}
+    )
+    max_shift_px: int = field(
+        default=0, metadata={"flag": "--max-shift", "help": "translations searched, pixels per axis (*align-kmeans)"}
+    )
+    pca_components: int = field(default=20, metadata={"help": "principal components (pca-kmeans)"})
+    isomap_components: int = field(default=10, metadata={"help": "Isomap dimensions (isomap-kmeans)"})
+    isomap_neighbors: int = field(default=10, metadata={"help": "Isomap graph neighbours (isomap-kmeans)"})
+    cae_latent_dim: int = field(default=32, metadata={"help": "CAE bottleneck size (cae-kmeans)"})
+    cae_epochs: int = field(default=30, metadata={"help": "CAE training epochs (cae-kmeans)"})
+    pretrain_n: int = field(default=2000, metadata={"help": "simulated particles for CDAE pre-training"})
+    batch_size: int = field(default=256, metadata={"help": "images per batch on the device"})
+
+    def validate(self) -> None:
+        if self.classes < 1:
+            raise InputError(f"--classes must be >= 1, got {self.classes}")
+        if self.method not in METHODS:
+            raise InputError(f"unknown --method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.method.startswith("cdae-") and self.model is None and self.pretrain_structure is None:
+            raise InputError(f"--method {self.method} needs --model RUN_DIR or --pretrain-structure FILE")
+        if self.model is not None and not Path(self.model).is_dir():
+            raise InputError("CDAE run folder not found", self.model)
+        counts = {
+            "--batch-size": self.batch_size, "--pretrain-n": self.pretrain_n, "--pca-components": self.pca_components,
+            "--isomap-components": self.isomap_components, "--isomap-neighbors": self.isomap_neighbors,
+            "--cae-latent-dim": self.cae_latent_dim, "--cae-epochs": self.cae_epochs,
+        }
+        for flag, value in counts.items():
+            if value < 1:
+                raise InputError(f"{flag} must be >= 1, got {value}")
+        if self.max_shift_px < 0:
+            raise InputError(f"--max-shift must be >= 0, got {self.max_shift_px}")
+        if self.mask_radius_px is not None and self.mask_radius_px < 0:
+            raise InputError(f"--mask-radius must be >= 0, got {self.mask_radius_px}")
+
+
+def normalized_images(stack: ParticleStack, mask_radius_px: float | None = None, chunk: int = 4096) -> np.ndarray:
+    """All images ``(n, d, d)`` float32, each with zero mean and unit standard deviation."""
+    out = np.empty((len(stack), stack.box, stack.box), dtype=np.float32)
+    for start, images in stack.chunks(chunk):
+        out[start : start + len(images)] = normalize_images(torch.from_numpy(images), mask_radius_px).numpy()
+    return out
+
+
+def truth_labels(stack: ParticleStack) -> tuple[str, np.ndarray] | None:
+    """``(column, labels)`` from ``cpViewLabel`` when all >= 0, else ``cpConformationLabel``."""
+    for name in TRUTH_COLUMNS:
+        if stack.has_column(name):
+            values = np.asarray(stack.column(name))
+            if np.issubdtype(values.dtype, np.number) and (values >= 0).all():
+                return name, values.astype(np.int64)
+    return None
+
+
+def order_by_size(labels: np.ndarray, k: int) -> np.ndarray:
+    """Relabel so that class 0 is the largest (ties: the lower old label first)."""
+    order = np.argsort(-np.bincount(labels, minlength=k), kind="stable")
+    rank = np.empty(k, dtype=np.int64)
+    rank[order] = np.arange(k)
+    return rank[labels]
+
+
+def _cdae_features(images: np.ndarray, stack: ParticleStack, config: ClassifyConfig, device, work: Path) -> np.ndarray:
+    """Images denoised by a CDAE (loaded from ``config.model`` or trained under ``work``)."""
+    from cryoprior.nn import cdae  # written alongside; imported only when used
+
+    if config.model is not None:
+        model = cdae.load_model(config.model, device)
+    else:
+        from cryoprior.sim.dataset import SimulationConfig, simulate_dataset
+
+        cdae_config = cdae.CDAEConfig(seed=config.seed)  # its SNR ladder: 0.1, 0.4, 0.6, clean
+        snrs = [float(s) for s in cdae_config.pretrain_snrs]
+        sim = SimulationConfig(
+            structures=[config.pretrain_structure], box=stack.box, pixel_size_a=stack.pixel_size_a,
+            n=config.pretrain_n, views=PRETRAIN_VIEWS, snr=snrs[0], snr_levels=snrs,
+            seed=config.seed + PRETRAIN_SEED_OFFSET,
+        )
+        pretrain_dir = simulate_dataset(sim, work / "pretrain_data")
+        cdae.train_cdae(pretrain_dir, stack, cdae_config, work / "cdae", device)
+        model = cdae.load_model(work / "cdae", device)  # the run folder it wrote, kept in the output
+        shutil.rmtree(pretrain_dir)  # reproducible from config.yaml; the model stays in cdae/
+    denoised = np.asarray(cdae.denoise_images(model, images, config.batch_size, device), dtype=np.float32)
+    return normalize_images(torch.from_numpy(denoised)).numpy()
+
+
+def classify_images(
+    images: np.ndarray, config: ClassifyConfig, device: torch.device | str = "cpu",
+    stack: ParticleStack | None = None, work: Path | None = None,
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """Labels ``(n,)`` in ``0..K-1`` (class 0 the largest) of normalised images ``(n, d, d)``,
+    and, for the ``*align-kmeans`` methods, ``(angles (n,) radians, shifts (n, 2) px)`` (else None).
+
+    ``stack`` and ``work`` (a folder for the CDAE run) are needed by ``cdae-*`` without a model.
+    """
+    k, method, seed = config.classes, config.method, config.seed
+    if method.startswith("cdae-"):
+        if config.model is None and (stack is None or work is None):
+            raise ValueError("cdae-* without a model needs the stack and a work folder")
+        images = _cdae_features(images, stack, config, device, work)  # type: ignore[arg-type]
+        method = method.removeprefix("cdae-")
+    pose = None
+    if method == "align-kmeans":
+        labels, angles, shifts, _ = align_kmeans(images, k, seed, max_shift=config.max_shift_px)
+        pose = (angles, shifts)
+    elif method == "cae-kmeans":
+        from cryoprior.nn.cae import CAEConfig, cae_embed
+
+        cae = CAEConfig(latent_dim=config.cae_latent_dim, epochs=config.cae_epochs, seed=seed)
+        labels = cluster(cae_embed(images, cae, device, config.batch_size), k, "kmeans", seed)
+    elif method == "pca-kmeans":
+        labels = cluster(images, k, method, seed, n_components=config.pca_components)
+    elif method == "isomap-kmeans":
+        labels = cluster(
+            images, k, method, seed, n_components=config.isomap_components, n_neighbors=config.isomap_neighbors
+        )
+    else:  # kmeans, hc, bsk
+        labels = cluster(images, k, method, seed)
+    return order_by_size(labels, k), pose
+
+
+def rebased_table(stack: ParticleStack, new_dir: Path) -> pd.DataFrame:
+    """The stack's table with every ``*ImageName*`` column rewritten relative to ``new_dir``."""
+    table = stack.table.copy()
+    anchor = stack.path
+    for name in [c for c in table.columns if "ImageName" in c]:
+        try:
+            paths, file_index, slice_index = resolve_image_names(table[name], anchor)
+        except InputError as exc:
+            if name == "rlnImageName":
+                raise
+            log.warning("column %s kept as it was: %s", name, exc)
+            continue
+        rel = [Path(os.path.relpath(p, new_dir)).as_posix() for p in paths]
+        table[name] = [f"{s + 1:06d}@{rel[f]}" for f, s in zip(file_index, slice_index)]
+    return table
+
+
+def _write_outputs(tmp: Path, out: Path, stack: ParticleStack, labels: np.ndarray, k: int,
+                   pose: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
+    table = rebased_table(stack, out.absolute())
+    table["rlnClassNumber"] = labels + 1
+    table = table.drop(columns=[c for c in ALIGN_COLUMNS if c in table.columns])  # poses of an earlier run
+    if pose is not None:
+        angles, shifts = pose
+        table[ALIGN_COLUMNS[0]] = np.round(np.rad2deg(angles), 3)
+        table[ALIGN_COLUMNS[1]], table[ALIGN_COLUMNS[2]] = shifts[:, 0], shifts[:, 1]
+    write_star(tmp / "particles.star", table, stack.optics, pixel_size_a=stack.pixel_size_a, box=stack.box)
+    sums = np.zeros((k, stack.box, stack.box))
+    counts = np.zeros(k, dtype=np.int64)
+    for start, raw in stack.chunks(4096):
+        if pose is not None:  # moved and rotated back into their class average's frame
+            part = slice(start, start + len(raw))
+            raw = to_class_frame(raw, pose[0][part], pose[1][part]).numpy()
+        s, c = class_sums(raw, labels[start : start + len(raw)], k)
+        sums, counts = sums + s, counts + c
+    write_mrcs(tmp / "class_averages.mrcs", averages_from_sums(sums, counts), stack.pixel_size_a)
+    classes = pd.DataFrame({
+        "rlnImageName": [f"{j:06d}@class_averages.mrcs" for j in range(1, k + 1)],
+        "rlnClassNumber": np.arange(1, k + 1),
+        "rlnClassDistribution": counts / counts.sum(),
+        "cpClassSize": counts,
+    })
+    write_star(tmp / "class_averages.star", classes, pixel_size_a=stack.pixel_size_a, box=stack.box)
+    return counts.tolist()
+
+
+def run_classify(
+    in_path: str | Path, out_dir: str | Path, config: ClassifyConfig,
+    argv: list[str] | None = None, overwrite: bool = False,
+) -> dict:
+    """Classify the stack at ``in_path`` into the new folder ``out_dir`` (see the module docstring).
+
+    Returns ``{"out", "n", "class_sizes", "metrics"}`` (``metrics`` None without truth labels).
+    """
+    config.validate()
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(out)
+    stack = ParticleStack.from_file(in_path)
+    n = len(stack)
+    if config.classes > n:
+        raise InputError(f"--classes {config.classes} is more than the {n} particles", in_path)
+    if config.max_shift_px >= stack.box // 2:
+        raise InputError(f"--max-shift {config.max_shift_px} px is half the {stack.box}-px box or more", in_path)
+    if config.mask_radius_px is not None and config.mask_radius_px >= stack.box / 2:
+        raise InputError(f"--mask-radius {config.mask_radius_px} leaves no background in {stack.box}-px images", in_path)
+    device = resolve_device(config.device)
+    truth = truth_labels(stack)
+    t0 = time.perf_counter()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        images = normalized_images(stack, config.mask_radius_px)
+        labels, pose = classify_images(images, config, device, stack, tmp)
+        del images
+        sizes = _write_outputs(tmp, out, stack, labels, config.classes, pose)
+        seconds = round(time.perf_counter() - t0, 2)
+        metrics = None
+        if truth is not None:
+            metrics = {
+                "method": config.method, "classes": config.classes, "n": n, "label_column": truth[0],
+                **classification_scores(truth[1], labels), "class_sizes": sizes, "seconds": seconds,
+            }
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_run_config(
+            tmp / "config.yaml", config, argv, input=str(Path(in_path).absolute()), device=str(device), seconds=seconds
+        )
+    log.info("classified %d particles into %d classes in %.1f s: %s", n, config.classes, seconds, out)
+    return {"out": str(out), "n": n, "class_sizes": sizes, "metrics": metrics}

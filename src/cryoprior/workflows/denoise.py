@@ -1,0 +1,179 @@
+"""Denoising jobs: train a denoiser into a run folder, apply one to a particle stack.
+
+``train`` checks every input before it creates anything; the run folder then fills as training
+goes (checkpoints after each epoch), so an interrupted or diverged run resumes with
+``resume=True``. ``apply`` writes its output folder atomically: all of it or nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cryoprior.config import read_run_config, write_run_config
+from cryoprior.errors import InputError, OutputExistsError
+from cryoprior.fileutil import atomic_dir
+from cryoprior.io.stack import ParticleStack
+from cryoprior.nn.cdae import CDAEConfig, train_cdae, train_single_dae
+from cryoprior.nn.cdae_ops import check_levels, histogram_equalize, psnr_normalised
+from cryoprior.nn.denoiser import denoise_images, load_model, read_model_file
+from cryoprior.nn.dncnn import DnCNNConfig, train_dncnn
+from cryoprior.nn.training import resolve_device
+from cryoprior.progress import bar
+from cryoprior.workflows.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+METHODS = ("cdae", "single-dae", "dncnn")
+CLEAN_COLUMN = "cpCleanImageName"
+APPLY_CHUNK = 4096  # images per chunk streamed through the network
+
+
+def _open_stack(path: str | Path) -> ParticleStack:
+    path = Path(path)
+    if not path.exists():
+        raise InputError("file not found", path)
+    return ParticleStack.from_file(path)
+
+
+def _check_inputs(method: str, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNConfig) -> ParticleStack | None:
+    """Validate everything (nothing is written); returns the opened target stack."""
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    needs_pretrain, needs_target = method in ("cdae", "dncnn"), method in ("cdae", "single-dae")
+    if needs_pretrain and pretrain is None:
+        raise InputError(f"--method {method} needs --pretrain SIM_DIR (simulated SNR pairs)")
+    if needs_target and target is None:
+        raise InputError(f"--method {method} needs --target IN.star (the stack to fine-tune on)")
+    (dncnn if method == "dncnn" else cdae).validate()
+    stack = None if target is None else _open_stack(target)
+    if pretrain is not None:
+        snrs = cdae.pretrain_snrs if method == "cdae" else [dncnn.snr_in, float("inf")]
+        box = check_levels(pretrain, snrs)
+        if stack is not None and box != stack.box:
+            raise InputError(f"pre-training images are {box} px, the target's ({target}) {stack.box} px", pretrain)
+    if stack is not None and stack.box < 2 ** len(cdae.widths) and method != "dncnn":
+        raise InputError(f"images of {stack.box} px are smaller than the pooling factor {2 ** len(cdae.widths)}", target)
+    return stack
+
+
+def _prepare_out(out: Path, method: str, resume: bool, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if overwrite:
+        shutil.rmtree(out)
+        return
+    if not resume:
+        raise OutputExistsError(out)
+    cfg = out / "config.yaml"
+    if cfg.is_file() and read_run_config(cfg).get("method") != method:
+        raise InputError(f"holds a {read_run_config(cfg).get('method')} run, not {method}; cannot resume", out)
+
+
+def truth_metrics(model, stack: ParticleStack, device, config: CDAEConfig, max_images: int = 4000) -> dict:
+    """PSNR (dB, per-image normalised, mean over images) of the noisy input, the denoised output
+    and the histogram-equalised output against ``cpCleanImageName``, on up to ``max_images``."""
+    idx = np.arange(min(len(stack), max_images))
+    noisy, clean = stack.images(idx), stack.read_image_column(CLEAN_COLUMN, idx)
+    t0 = time.perf_counter()
+    denoised = denoise_images(model, noisy, config.batch_size_inference, device, precision=config.precision)
+    seconds = time.perf_counter() - t0
+    return {
+        "n_images": len(idx),
+        "psnr_input_db": float(psnr_normalised(noisy, clean).mean()),
+        "psnr_denoised_db": float(psnr_normalised(denoised, clean).mean()),
+        "psnr_denoised_equalized_db": float(psnr_normalised(histogram_equalize(denoised), clean).mean()),
+        "inference_images_per_s": len(idx) / seconds,
+    }
+
+
+def train(
+    method: str,
+    out: str | Path,
+    *,
+    pretrain: str | Path | None = None,
+    target: str | Path | None = None,
+    cdae: CDAEConfig | None = None,
+    dncnn: DnCNNConfig | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """Train ``method`` (cdae, single-dae, dncnn) into run folder ``out``; returns its metrics.
+
+    The folder gets ``model.pt``, ``checkpoints/``, ``config.yaml``, ``losses.json``/``.png``,
+    ``run.log`` and ``metrics.json`` (PSNR against the truth when the target carries
+    ``cpCleanImageName``).
+    """
+    cdae, dncnn = cdae or CDAEConfig(), dncnn or DnCNNConfig()
+    out = Path(out)
+    stack = _check_inputs(method, pretrain, target, cdae, dncnn)
+    dev = resolve_device(device)
+    _prepare_out(out, method, resume, overwrite)
+    run = RunDir(out)
+    run.attach_log()
+    try:
+        t0 = time.perf_counter()
+        if method == "cdae":
+            train_cdae(pretrain, stack, cdae, out, dev)
+        elif method == "single-dae":
+            train_single_dae(stack, cdae, out, dev)
+        else:
+            train_dncnn(pretrain, dncnn, out, dev)
+        metrics: dict = {"method": method, "train_seconds": time.perf_counter() - t0, "device": str(dev)}
+        if stack is not None:
+            metrics["target"] = str(target)
+            if stack.has_column(CLEAN_COLUMN):
+                metrics.update(truth_metrics(load_model(out, dev), stack, dev, cdae))
+        run.write_metrics(metrics)
+    finally:
+        run.close()
+    return metrics
+
+
+def apply(
+    model_dir: str | Path,
+    in_path: str | Path,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    batch_size: int | None = None,
+    equalize: bool | None = None,
+    precision: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Denoise ``in_path`` (STAR/MRCS) with the model of ``model_dir`` into folder ``out``:
+    ``denoised.mrcs`` and ``particles.star`` (rlnImageName → denoised.mrcs, other columns kept).
+
+    ``batch_size``/``equalize``/``precision`` default to the model's training config.
+    """
+    record = read_model_file(model_dir)  # checks the model before anything is written
+    stack = _open_stack(in_path)
+    cfg = record.get("config", {})
+    batch_size = int(batch_size or cfg.get("batch_size_inference", 256))
+    equalize = bool(cfg.get("equalize", False)) if equalize is None else equalize
+    precision = precision or cfg.get("precision", "auto")
+    dev = resolve_device(device)
+    model = load_model(model_dir, dev)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(out)
+
+    def stream():
+        with bar(len(stack), "denoise") as pbar:
+            for start, chunk in stack.chunks(APPLY_CHUNK):
+                yield start, denoise_images(model, chunk, batch_size, dev, equalize, precision)
+                pbar.update(len(chunk))
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        stack.write(tmp / "particles.star", tmp / "denoised.mrcs", images=stream())
+        write_run_config(
+            tmp / "config.yaml", None, model=str(Path(model_dir).absolute()), method=record["method"],
+            input=str(Path(in_path).absolute()), equalize=equalize, precision=precision,
+        )
+    log.info("wrote %d denoised particles to %s", len(stack), out)
+    return out

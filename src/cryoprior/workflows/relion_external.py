@@ -1,0 +1,160 @@
+"""RELION's external reconstruction (``relion_refine --external_reconstruct``) with our priors.
+
+RELION writes ``<root>_external_reconstruct.star`` and three MRCs, sets nothing else up, and
+runs ``$RELION_EXTERNAL_RECONSTRUCT_EXECUTABLE <root>_external_reconstruct.star`` from its
+project folder; half 1 and half 2 run at the same time in the same folder. The STAR holds
+
+- ``data_external_reconstruct_general`` (key-value): ``rlnExtReconsDataReal``/``Imag``
+  (B), ``rlnExtReconsWeight`` (K), ``rlnExtReconsResult`` (the map to write),
+  ``rlnTau2FudgeFactor`` (T), ``rlnPaddingFactor`` (pad), ``rlnReferenceDimensionality`` (3),
+  ``rlnOriginalImageSize`` (d), ``rlnCurrentImageSize`` (data beyond half of it are zero) and,
+  in newer RELION, ``rlnPixelSize``;
+- ``data_external_reconstruct_tau2`` (loop): ``rlnSpectralIndex``, ``rlnReferenceTau2``,
+  ``rlnGoldStandardFsc`` for shells ``0..d // 2``.
+
+The general block may also name ``rlnExtReconsResultStarfile`` (newer RELION). RELION reads that
+file back after the call when it exists (``BackProjector::externalReconstruct``): it needs
+``rlnSpectralIndex`` and takes ``rlnReferenceTau2`` as its new τ² (and ``τ² / σ²`` as its
+data-vs-prior ratio); only without a τ² column does it take ``rlnFourierShellCorrelation`` and
+convert it to τ² itself. ``rlnGoldStandardFsc`` is not read back. We write there, atomically,
+the ``data_external_reconstruct_tau2`` table with the τ² the update used, in RELION's units
+(ours ÷ ``pad³ · T``, the inverse of the ``tau2=star`` conversion below, so that RELION's own
+``1 / (pad³ · T · τ²)`` regularises as we did), and the FSC it was given.
+
+The MRCs are FFTW half-complex grids ``(P, P, P // 2 + 1)`` [z, y, x], ``P = pad · d``, zero
+frequency at index 0 and negative frequencies wrapped (:func:`halfcomplex_to_centred`), in
+RELION's FFT scale (forward transforms divided by the 2D image size, so ``B / K`` is our
+``fft2c`` scale divided by ``d²``). The update is the one of :mod:`cryoprior.recon.mstep`:
+τ² from the FSC (eq. 12, full-set FSC for a map without ``_half1``/``_half2`` in its name) or,
+with ``tau2=star`` or when the FSC is empty (classification), RELION's own τ² with its
+correction ``pad³ · T``. The result is cropped to ``d``, gridding-corrected and written
+atomically (a unique temporary file beside it, then a rename), as is the τ² STAR; nothing
+else is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cryoprior.core.fsc import resolution_at
+from cryoprior.errors import InputError
+from cryoprior.io.mrc import write_map
+from cryoprior.io.relion import (
+    ExternalJob,
+    halfcomplex_to_centred,
+    read_grid,
+    read_job,
+    write_tau2_star,
+)
+from cryoprior.recon.accumulate import Accumulator
+from cryoprior.recon.mstep import PRIORS, ReconstructionConfig, load_prior_denoiser, map_reconstruct
+
+log = logging.getLogger(__name__)
+
+#: Environment variables read when the matching flag is not given (RELION passes no flags).
+ENV = {
+    "prior": "CRYOPRIOR_PRIOR",
+    "denoiser": "CRYOPRIOR_DENOISER",
+    "tau2_source": "CRYOPRIOR_TAU2",
+    "red_lambda": "CRYOPRIOR_RED_LAMBDA",
+    "pixel_size_a": "CRYOPRIOR_PIXEL_SIZE",
+    "device": "CRYOPRIOR_DEVICE",
+}
+
+
+@dataclass
+class RelionExternalConfig:
+    """Options of ``cryoprior relion-external``; None = environment variable, then default."""
+
+    prior: str | None = field(default=None, metadata={"choices": list(PRIORS), "help": f"prior [env {ENV['prior']}, gaussian]"})
+    denoiser: str | None = field(default=None, metadata={"help": f"denoiser model [env {ENV['denoiser']}, shipped model]"})
+    tau2_source: str | None = field(
+        default=None, metadata={"flag": "--tau2", "choices": ["auto", "fsc", "star"], "help": f"τ² from the FSC or RELION's τ² [env {ENV['tau2_source']}, auto]"}
+    )
+    red_lambda: float | None = field(default=None, metadata={"help": f"λ of --prior red [env {ENV['red_lambda']}, 1]"})
+    cw_low_a: float = field(default=10.0, metadata={"help": "CW-RED: λ = 0 at this resolution (Å)"})
+    cw_high_a: float = field(default=4.5, metadata={"help": "CW-RED: λ = 1 at this resolution (Å)"})
+    pixel_size_a: float | None = field(
+        default=None, metadata={"flag": "--pixel-size", "help": f"Å/pixel when the STAR has no rlnPixelSize [env {ENV['pixel_size_a']}]"}
+    )
+    device: str | None = field(default=None, metadata={"help": f"torch device [env {ENV['device']}, cpu]"})
+
+    def resolved(self) -> RelionExternalConfig:
+        """A copy with unset fields filled from the environment, then the defaults."""
+        values = dict(self.__dict__)
+        casts = {"red_lambda": float, "pixel_size_a": float}
+        for name, var in ENV.items():
+            if values[name] is None and os.environ.get(var):
+                try:
+                    values[name] = casts.get(name, str)(os.environ[var])
+                except ValueError as exc:
+                    raise InputError(f"environment variable {var}={os.environ[var]!r} is not valid") from exc
+        defaults = {"prior": "gaussian", "tau2_source": "auto", "red_lambda": 1.0, "device": "cpu"}
+        for name, value in defaults.items():
+            values[name] = value if values[name] is None else values[name]
+        out = RelionExternalConfig(**values)
+        if out.prior not in PRIORS:
+            raise InputError(f"prior must be one of {PRIORS}, got {out.prior!r}")
+        if out.tau2_source not in ("auto", "fsc", "star"):
+            raise InputError(f"tau2 must be auto, fsc or star, got {out.tau2_source!r}")
+        return out
+
+
+def load_accumulator(job: ExternalJob, device: torch.device | str = "cpu") -> Accumulator:
+    """B and K of the job on our centred grid and scale (B × d², see the module docstring)."""
+    p = job.pad * job.ori_size
+    shape = (p, p, p // 2 + 1)
+    real, imag, weight = (read_grid(f, shape) for f in (job.data_real, job.data_imag, job.weight))
+    h = torch.complex(torch.from_numpy(real), torch.from_numpy(imag)).to(device)
+    data = halfcomplex_to_centred(h) * float(job.ori_size) ** 2
+    k = halfcomplex_to_centred(torch.from_numpy(weight).to(device))
+    return Accumulator(data, k.clamp(min=0.0), job.ori_size, job.pad)
+
+
+def run_external(star: str | Path, config: RelionExternalConfig | None = None) -> Path:
+    """Carry out one request: read, update by the configured prior, write ``rlnExtReconsResult``
+    (and the τ² table to ``rlnExtReconsResultStarfile`` when the STAR names one)."""
+    cfg = (config or RelionExternalConfig()).resolved()
+    job = read_job(star)
+    pixel = cfg.pixel_size_a or job.pixel_size_a
+    if pixel is None and cfg.prior == "cw-red":
+        raise InputError(f"CW-RED needs the pixel size: the STAR has no rlnPixelSize; set --pixel-size or {ENV['pixel_size_a']}", job.star)
+    pixel = pixel or 1.0
+    acc = load_accumulator(job, cfg.device)
+    fsc = torch.from_numpy(job.fsc)
+    has_fsc = bool((fsc[1:] > 0.001).any())
+    source = cfg.tau2_source if cfg.tau2_source != "auto" else ("fsc" if has_fsc else "star")
+    tau2 = None
+    if source == "star":
+        # RELION: 1 / τ²_eff = 1 / (pad³ · T · τ²), with K as written (oversampling correction)
+        tau2 = torch.from_numpy(job.tau2 * job.pad**3 * job.fudge)
+    recon = ReconstructionConfig(
+        prior=cfg.prior, pad=job.pad, tau2_fudge=job.fudge, red_lambda=cfg.red_lambda,
+        cw_low_a=cfg.cw_low_a, cw_high_a=cfg.cw_high_a,
+    )
+    lam = None
+    if cfg.prior == "cw-red" and not has_fsc:
+        log.warning("%s: no gold-standard FSC; CW-RED uses λ = 0", job.star)
+        lam = 0.0
+    denoiser = None
+    if cfg.prior != "gaussian" and lam != 0.0:
+        denoiser = load_prior_denoiser(cfg.denoiser, cfg.device)
+    result = map_reconstruct(
+        acc, fsc, pixel, recon, denoiser, full_set=not job.is_half, r_max=job.current_size / 2, lam=lam, tau2=tau2,
+    )
+    write_map(job.result, result.volume.cpu(), pixel)
+    if job.result_star is not None:
+        # RELION regularises with 1 / (pad³ · T · τ²): hand back ours in those units
+        tau2_relion = result.tau2.detach().cpu().double().numpy() / (job.pad**3 * job.fudge)
+        write_tau2_star(job.result_star, tau2_relion, job.fsc)
+    res = resolution_at(fsc, job.ori_size, pixel) if has_fsc else float("nan")
+    log.info(
+        "%s: prior %s, λ = %.3g, τ² from %s%s, FSC resolution %.2f Å → %s",
+        job.star.name, cfg.prior, result.lam, source, "" if job.is_half else " (full set)", res, job.result,
+    )
+    return job.result
