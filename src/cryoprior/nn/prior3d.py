@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cryoprior.errors import InputError, TrainingDivergedError
+from cryoprior.errors import InputError
 from cryoprior.fileutil import atomic_path
 from cryoprior.nn.models.unet3d import UNet3D, UNet3DConfig
 from cryoprior.nn.prior3d_data import NOISE_MODELS, rotate_cube, sphere_std
-from cryoprior.nn.training import resolve_device
-from cryoprior.progress import bar
+from cryoprior.nn.training import epoch_seed, resolve_device, train_loop
 from cryoprior.sim.structures import list_builtin_structures
 
 log = logging.getLogger(__name__)
@@ -245,9 +244,10 @@ def train(
 ) -> tuple[UNet3D, list[float]]:
     """Train a U-Net on ``pairs`` (dicts with ``input``/``target`` ``(d, d, d)``, see prior3d_data).
 
-    Saves ``out_dir/checkpoint.pt`` after each epoch and resumes from it. Returns the network
-    (on the training device) and the mean loss of each epoch. Raises
-    :class:`TrainingDivergedError` on a NaN/Inf loss, keeping the last good checkpoint.
+    Runs :func:`~cryoprior.nn.training.train_loop`: ``out_dir/checkpoint.pt`` after each epoch,
+    resumed from when present. Returns the network (on the training device) and the mean loss of
+    each epoch. Raises :class:`TrainingDivergedError` on a NaN/Inf loss, keeping the last good
+    checkpoint.
     """
     config.validate()
     if not pairs:
@@ -266,52 +266,31 @@ def train(
     )
     steps_per_epoch = max(1, math.ceil(len(pairs) / config.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.epochs * steps_per_epoch)
-    g = torch.Generator().manual_seed(config.seed)
-    losses: list[float] = []
-    ckpt_path = out_dir / "checkpoint.pt"
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        g.set_state(ckpt["generator"])
-        losses = list(ckpt["losses"])
-        log.info("resuming from %s after epoch %d", ckpt_path, len(losses))
     criterion = loss_fn(config.loss)
-    for epoch in range(len(losses), config.epochs):
-        net.train()
-        order = torch.randperm(len(pairs), generator=g).tolist()
-        total = 0.0
-        pbar = bar(steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}")
-        for step in range(steps_per_epoch):
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x, y = make_batch(pairs, idx, crop, g)
-            x, y = (t.to(device, memory_format=torch.channels_last_3d) for t in (x, y))
-            loss = criterion(net(x), y)
-            if not torch.isfinite(loss):
-                pbar.close()
-                raise TrainingDivergedError(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; the last good "
-                    f"checkpoint ({len(losses)} epochs) is kept in {ckpt_path} — lower --lr"
-                )
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            total += loss.item()
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{loss.item():.4g}")
-        pbar.close()
-        losses.append(total / steps_per_epoch)
-        log.info("epoch %d/%d: loss %.5g", epoch + 1, config.epochs, losses[-1])
-        state = {
-            "model": net.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "generator": g.get_state(),
-            "losses": losses,
-        }
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(state, tmp)
+    batches: dict[int, tuple[torch.Generator, list[int]]] = {}
+
+    def step(epoch: int, i: int) -> torch.Tensor:
+        if epoch not in batches:  # one generator per epoch: crops and rotations resume exactly
+            g = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+            batches.clear()
+            batches[epoch] = (g, torch.randperm(len(pairs), generator=g).tolist())
+        g, order = batches[epoch]
+        idx = order[i * config.batch_size : (i + 1) * config.batch_size]
+        x, y = make_batch(pairs, idx, crop, g)  # (b, 1, c, c, c)
+        x, y = (t.to(device, memory_format=torch.channels_last_3d) for t in (x, y))
+        loss = criterion(net(x), y)
+        if not torch.isfinite(loss):
+            return loss  # the loop stops before the step is taken
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        return loss
+
+    losses = train_loop(
+        step, epochs=config.epochs, steps_per_epoch=steps_per_epoch, modules={"model": net},
+        optimizers={"optimizer": opt}, schedulers={"scheduler": sched}, seed=config.seed,
+        device=device, checkpoint=out_dir / "checkpoint.pt", desc="prior3d",
+    )
     return net, losses

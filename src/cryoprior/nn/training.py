@@ -1,14 +1,10 @@
-"""Shared training-loop helpers: devices, checkpoints, resumable epochs, NaN guard, loss curves.
+"""The one training loop (:func:`train_loop`) and what every network shares: devices,
+optimisers, checkpoints, loss curves, dihedral augmentation.
 
-``fit_pairs`` trains a model to map inputs to targets (both ``(n, 1, d, d)``, in memory) under a
-mean-squared error. After every epoch it writes a checkpoint (model, optimiser, epoch, losses)
-atomically; called again with the same checkpoint path it resumes after the last finished
-epoch. A non-finite loss stops training with :class:`TrainingDivergedError`; the checkpoint on
-disk is then the last good one, since a checkpoint is only written when the loss of the whole
-epoch and every parameter are finite.
-
-Batches are drawn from a permutation seeded by ``(seed, epoch)``, so a resumed run sees the same
-batches as an uninterrupted one.
+:func:`train_loop` runs epochs of a caller's step function with resumable checkpoints, per-epoch
+seeding and a NaN/Inf stop; :func:`fit_pairs` is that loop for image-to-image pairs
+``(n, 1, d, d)`` in memory (CDAE, DnCNN). The 3D prior, the GAN and DRVAE use the loop with their
+own steps.
 """
 
 from __future__ import annotations
@@ -81,7 +77,95 @@ def _all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-# ------------------------------------------------------------------------------------- training
+# --------------------------------------------------------------------------------- the one loop
+StepFn = Callable[[int, int], "torch.Tensor | float"]
+
+
+def train_loop(
+    step: StepFn,
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    checkpoint: str | Path | None = None,
+    desc: str = "train",
+    samples_per_epoch: int | None = None,
+) -> list[float]:
+    """Run ``epochs`` epochs of ``step(epoch, i)`` and return the mean loss of each epoch.
+
+    The loop every network in cryoprior trains with. ``step`` does one optimisation step (forward,
+    backward, ``optimizer.step()``) and returns its loss (a scalar tensor or float), or a pair
+    ``(loss, weight)`` whose weight (e.g. the batch size) weights the epoch mean; the loop owns
+    what must be the same for all of them:
+
+    - **resume**: ``checkpoint`` holds each module, optimiser and scheduler state dict under its
+      name, plus ``epoch`` and ``losses``; when it exists the loop restores them and continues
+      after the last finished epoch;
+    - **reproducibility**: each epoch runs under ``torch.manual_seed(seed · 100003 + epoch)``
+      inside a forked RNG, so a resumed run draws the same batches, dropout masks and
+      augmentations as an uninterrupted one (``epoch_seed`` gives the same number to ``step``);
+    - **divergence**: a non-finite step loss, epoch mean or parameter stops training with
+      :class:`TrainingDivergedError`; checkpoints are written (atomically) only after a finite
+      epoch, so the one on disk is the last good one;
+    - progress bar, per-epoch log line.
+    """
+    if epochs < 0 or steps_per_epoch < 1:
+        raise ValueError(f"need epochs >= 0 and steps_per_epoch >= 1, got {epochs}, {steps_per_epoch}")
+    device = resolve_device(device)
+    schedulers = schedulers or {}
+    stateful = {**modules, **optimizers, **schedulers}
+    losses: list[float] = []
+    start_epoch = 0
+    ckpt = None if checkpoint is None else Path(checkpoint)
+    if ckpt is not None and ckpt.exists():
+        state = load_checkpoint(ckpt, device)
+        missing = [k for k in stateful if k not in state]
+        if missing:
+            raise InputError(f"checkpoint lacks {', '.join(missing)}: from another kind of run?", ckpt)
+        for name, obj in stateful.items():
+            obj.load_state_dict(state[name])
+        start_epoch, losses = int(state["epoch"]), list(state["losses"])
+        log.info("%s: resumed from %s after epoch %d", desc, ckpt, start_epoch)
+    devices = [device] if device.type == "cuda" else []
+    for epoch in range(start_epoch, epochs):
+        for m in modules.values():
+            m.train()
+        total, weight_sum = 0.0, 0.0
+        with torch.random.fork_rng(devices=devices), bar(steps_per_epoch, f"{desc} epoch {epoch + 1}/{epochs}") as pbar:
+            torch.manual_seed(epoch_seed(seed, epoch))
+            for i in range(steps_per_epoch):
+                out = step(epoch, i)
+                loss, w = out if isinstance(out, tuple) else (out, 1.0)
+                value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+                if not math.isfinite(value):
+                    raise _diverged(desc, epoch, i, ckpt)
+                total += value * float(w)
+                weight_sum += float(w)
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{value:.4g}", refresh=False)
+        mean = total / max(weight_sum, 1e-30)
+        if not (math.isfinite(mean) and all(_all_finite(m) for m in modules.values())):
+            raise _diverged(desc, epoch, steps_per_epoch - 1, ckpt)
+        losses.append(mean)
+        log.info("%s: epoch %d/%d loss %.5g", desc, epoch + 1, epochs, mean)
+        if ckpt is not None:
+            save_checkpoint(
+                ckpt, **{k: v.state_dict() for k, v in stateful.items()}, epoch=epoch + 1, losses=losses
+            )
+    for m in modules.values():
+        m.eval()
+    return losses
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch of :func:`train_loop` (and of its batch order)."""
+    return seed * 100_003 + epoch
+
+
 def fit_pairs(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -98,7 +182,8 @@ def fit_pairs(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     augment: str = "none",
 ) -> list[float]:
-    """Train ``model`` on ``inputs → targets`` ``(n, 1, d, d)``; return the mean loss per epoch.
+    """Train ``model`` on ``inputs → targets`` ``(n, 1, d, d)`` with :func:`train_loop`; return the
+    mean loss per epoch.
 
     The model is moved to ``device`` and left in eval mode. ``inputs``/``targets`` stay where they
     are (CPU is fine); batches are copied to the device. Resumes from ``checkpoint`` if it exists.
@@ -121,54 +206,37 @@ def fit_pairs(
     fmt = torch.channels_last  # ~2x faster convolutions on CPU (oneDNN), harmless on CUDA
     model.to(device=device, memory_format=fmt)
     opt = make_optimizer(model.parameters(), optimizer, lr)
-    losses: list[float] = []
-    start_epoch = 0
-    ckpt = None if checkpoint is None else Path(checkpoint)
-    if ckpt is not None and ckpt.exists():
-        state = load_checkpoint(ckpt, device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, losses = int(state["epoch"]), list(state["losses"])
-        log.info("%s: resumed from %s after epoch %d", desc, ckpt, start_epoch)
     n = inputs.shape[0]
     used = n - 1 if n > 1 and n % batch_size == 1 else n  # no batch of 1 (batch norm)
     steps = math.ceil(used / batch_size)
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        epoch_seed = seed * 100_003 + epoch
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed))[:used]
-        total = 0.0
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), bar(steps, f"{desc} epoch {epoch + 1}/{epochs}") as pbar:
-            torch.manual_seed(epoch_seed)  # dropout: the same whether resumed or not
-            for step in range(steps):
-                idx = order[step * batch_size : (step + 1) * batch_size]
-                x = inputs[idx].to(device).contiguous(memory_format=fmt)  # (b, 1, d, d)
-                y = targets[idx].to(device).contiguous(memory_format=fmt)
-                if augment != "none":
-                    which = int(torch.randint(8, ()))  # seeded per epoch: resumable
-                    x, y = dihedral(x, which), dihedral(y, which)
-                if augment == "rotate":
-                    angles = torch.rand(len(x)) * (math.pi / 2)  # the dihedral step covers the rest
-                    x, y = rotate_images(x, angles), rotate_images(y, angles)
-                loss = loss_fn(model(x), y)
-                if not torch.isfinite(loss):
-                    raise _diverged(desc, epoch, step, ckpt)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(idx)
-                pbar.update(1)
-                pbar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
-        mean = total / used
-        if not (math.isfinite(mean) and _all_finite(model)):
-            raise _diverged(desc, epoch, steps - 1, ckpt)
-        losses.append(mean)
-        log.info("%s: epoch %d/%d loss %.5g", desc, epoch + 1, epochs, mean)
-        if ckpt is not None:
-            save_checkpoint(
-                ckpt, model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1, losses=losses
-            )
+    orders: dict[int, torch.Tensor] = {}
+
+    def step(epoch: int, i: int):
+        if epoch not in orders:
+            g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+            orders.clear()
+            orders[epoch] = torch.randperm(n, generator=g)[:used]
+        idx = orders[epoch][i * batch_size : (i + 1) * batch_size]
+        x = inputs[idx].to(device).contiguous(memory_format=fmt)  # (b, 1, d, d)
+        y = targets[idx].to(device).contiguous(memory_format=fmt)
+        if augment != "none":
+            which = int(torch.randint(8, ()))  # seeded per epoch by the loop: resumable
+            x, y = dihedral(x, which), dihedral(y, which)
+        if augment == "rotate":
+            angles = torch.rand(len(x)) * (math.pi / 2)  # the dihedral step covers the rest
+            x, y = rotate_images(x, angles), rotate_images(y, angles)
+        loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            return loss, len(idx)  # the loop stops before the step is taken
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss, len(idx)
+
+    losses = train_loop(
+        step, epochs=epochs, steps_per_epoch=steps, modules={"model": model}, optimizers={"optimizer": opt},
+        seed=seed, device=device, checkpoint=checkpoint, desc=desc,
+    )
     model.to(memory_format=torch.contiguous_format).eval()
     return losses
 
