@@ -1,5 +1,7 @@
 """Benchmarks (JSON out): speed and memory figures as ratios against a baseline in the same run.
 
+  startup   seconds from process start to the end of `cryoprior --help`, `cryoprior
+            relion-external --help` and `cryoprior --version`, against `python -c "import torch"`
   io        stream a particle stack through ParticleStack.chunks (images/s, peak RSS) against a
             plain mrcfile memory map read
   simulate  simulate particles with CTF (images/s) against the projection alone
@@ -11,6 +13,7 @@
             command is installed (pip install cryodrgn; optional, GPL-3)
 
 example:
+  cryoprior bench startup
   cryoprior bench io --n 100000 --box 128 --out bench_io.json
   cryoprior bench simulate --n 10000 --box 128 --out bench_sim.json
   cryoprior bench cdae --quick --out bench_cdae.json
@@ -27,14 +30,15 @@ from pathlib import Path
 
 from cryoprior.fileutil import atomic_path
 
-# bench name -> (module under cryoprior.workflows, default kwargs, quick kwargs)
+# bench name -> (module under cryoprior.bench, default kwargs, quick kwargs)
 BENCHES: dict[str, tuple[str, dict, dict]] = {
-    "io": ("bench_io", {"n": 100_000, "box": 128}, {"n": 10_000, "box": 128}),
-    "simulate": ("bench_simulate", {"n": 10_000, "box": 128}, {"n": 1_000, "box": 128}),
+    "startup": ("startup", {"repeats": 5}, {"repeats": 3}),
+    "io": ("io", {"n": 100_000, "box": 128}, {"n": 10_000, "box": 128}),
+    "simulate": ("simulate", {"n": 10_000, "box": 128}, {"n": 1_000, "box": 128}),
     # red: --n/--box override the particles per dataset and the box; figures go to out_dir
-    "red": ("bench_red", {"quick": False, "out_dir": "bench_red"}, {"quick": True, "out_dir": "bench_red_quick"}),
+    "red": ("red", {"quick": False, "out_dir": "bench_red"}, {"quick": True, "out_dir": "bench_red_quick"}),
     # cdae: --n = test images per view; tables (bench_cdae.md/.json) go to out_dir
-    "cdae": ("bench_cdae", {"n": 1000, "box": 64, "quick": False, "out_dir": "bench_cdae"},
+    "cdae": ("cdae", {"n": 1000, "box": 64, "quick": False, "out_dir": "bench_cdae"},
              {"n": 150, "box": 64, "quick": True, "out_dir": "bench_cdae_quick"}),
 }
 
@@ -54,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
         kwargs["n"] = args.n
     if args.box is not None:
         kwargs["box"] = args.box
-    module = importlib.import_module(f"cryoprior.workflows.{module_name}")
+    module = importlib.import_module(f"cryoprior.bench.{module_name}")
     result = {"bench": args.which, **module.run(**kwargs)}
     text = json.dumps(result, indent=2)
     if args.out:

@@ -1,7 +1,9 @@
 """The one entry point: ``cryoprior <command> [args]``.
 
 Each command is a module in ``cryoprior.cli`` exposing ``add_args(parser)`` and ``main(args)``;
-its docstring becomes the ``--help`` text. Logging is configured here and nowhere else.
+its docstring becomes the ``--help`` text. Only the module of the command being run is imported
+(``cryoprior --help`` imports no command, so no torch): RELION calls ``relion-external`` once
+per half and iteration and should not pay for the others. Logging is configured here only.
 """
 
 from __future__ import annotations
@@ -29,7 +31,29 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: each command's one-line help for ``cryoprior --help``: its module docstring's first line
+#: (tests/test_cli_startup.py keeps the two equal)
+SUMMARIES: dict[str, str] = {
+    "simulate": "Simulate a particle stack with known truth from atomic models or maps.",
+    "info": "Describe a particle stack: count, box, pixel size, stacks, optics groups, truth labels and SNR.",
+    "demo": "Run the main job on the default data: simulate, denoise, classify, reconstruct, report.",
+    "bench": "Benchmarks (JSON out): speed and memory figures as ratios against a baseline in the same run.",
+    "denoise": "Train a particle-image denoiser (CDAE, single DAE, DnCNN) or apply a trained one.",
+    "reconstruct": "Gold-standard 3D reconstruction with a Gaussian, RED or CW-RED prior (Kimanius et al. 2020).",
+    "relion-external": "Reconstruct for RELION (``--external_reconstruct``) with a Gaussian, RED or CW-RED prior.",
+    "report": "Write a self-contained HTML report (figures embedded) for a run folder.",
+    "train-prior3d": "Train the learned 3D prior (a residual 3D U-Net) for RED reconstruction.",
+    "classify": "Classify particle images into K classes without references (2D, unsupervised).",
+}
+
+
+def _selected(argv: list[str]) -> str | None:
+    """The command named on the command line (the first word that is one), if any."""
+    return next((a for a in argv if a in COMMANDS), None)
+
+
+def build_parser(command: str | None = None, *, all_commands: bool = False) -> argparse.ArgumentParser:
+    """The parser; the arguments of ``command`` (or of every command with ``all_commands``)."""
     parser = argparse.ArgumentParser(prog="cryoprior", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cryoprior {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -37,11 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module_name in COMMANDS.items():
+        if not (all_commands or name == command):
+            sub.add_parser(name, help=SUMMARIES.get(name), add_help=False)
+            continue
         module = importlib.import_module(f"cryoprior.cli.{module_name}")
         doc = (module.__doc__ or "").strip()
         p = sub.add_parser(
             name,
-            help=doc.splitlines()[0] if doc else None,
+            help=SUMMARIES.get(name) or (doc.splitlines()[0] if doc else None),
             description=doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -51,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_selected(argv))
     args = parser.parse_args(argv)
     # the console shows INFO (WARNING with --quiet); run-folder log files still get INFO records
     console = logging.StreamHandler()
