@@ -11,13 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from cryoprior.bench.common import align_to_truth, simulate_heldout
 from cryoprior.bench.red import target_cases
-from cryoprior.bench.red_timing import (
-    align_to_truth,
-    cryodrgn_inputs,
-    simulate_heldout,
-    timing_summary,
-)
+from cryoprior.bench.red_timing import cryodrgn_inputs, timing_summary
 from cryoprior.core.fsc import fsc
 from cryoprior.core.projection import slice_coordinates
 from cryoprior.io.relion import ctf_from_star, poses_from_star

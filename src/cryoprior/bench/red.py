@@ -24,13 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryoprior.bench.red_timing import (
-    pick_structures,
-    read_truth,
-    simulate_heldout,
-    time_known_pose,
-    timing_markdown,
-)
+from cryoprior.bench.common import pick_structures, read_truth, simulate_heldout
+from cryoprior.bench.red_timing import time_known_pose, timing_markdown
 from cryoprior.core.filters import gaussian_lowpass, lowpass
 from cryoprior.core.fsc import fsc, resolution_at
 from cryoprior.errors import CryopriorError
