@@ -2,56 +2,28 @@
 
 1. **Pre-training** on simulated pairs of the same projections: block ``j`` learns
    ``SNR_j → SNR_{j+1}`` (default 0.1 → 0.4 → 0.6 → clean) under an MSE loss, RMSprop as in
-   the paper (Adam an option). Block 1 reads the SNR_1 images. With ``pretrain_inputs="pairs"``
-   (the default) block ``j > 1`` reads the simulated SNR_j images; ``"cascade"`` gives it block
-   ``j-1``'s output for those projections instead. "cascade" collapses on views that differ
-   little (4 views of 1AKE, 48 px, SNR 0.1): block 1's MSE-optimal output already leans towards
-   the mean projection, the per-image renormalisation hides the lost contrast, and blocks 2-3
-   trained on such inputs learn to output the mean image (spread of the outputs across
-   particles 0.02 of the clean images'; "pairs" 0.4-0.5). For the same reason the default
-   ``dropout`` is 0: the paper's 0.5 on the narrow default widths leaves block 1 too weak to
-   tell the views apart.
-   ``augment="dihedral"`` (default) passes each pre-training batch through a random symmetry of
-   the square, the same for input and target: the bench's pre-training set has four views of
-   one structure, and without it the blocks learn those few templates (k-means F1 of block-1
-   output on the 1OR4 test set 0.963 → 0.970; later blocks gain more, see below).
-2. **Fine-tuning** on the target stack, which has no clean images: block by block, in order,
-   each starting from its pre-trained weights, the target of each image is the mean over its
-   ``k`` (30) nearest neighbours among the block's outputs (faiss on the flattened outputs
-   after PCA, Euclidean or correlation); the fine-tuned block's output feeds the next block.
-   What is averaged is ``knn_values``: the neighbours' *raw* images by default ("raw"), their
-   block outputs ("output", the paper's reading) or their block inputs ("input"). Averaging
-   outputs compounds over the blocks like repeated diffusion on the k-NN graph and merges
-   similar views; averaging the raw images (30 of them: SNR ×30) does not. Measured with
-   ``bench cdae``'s protocol (pre-trained on 1HVR, 4 views × 250 at SNR 0.1, 64 px, 1 thread),
-   k-means F1 after a three-module cascade, 1OR4 / 1PWC: "output" 0.686 / 0.958, "raw" with
-   dihedral augmentation 0.774 / 0.976; PSNR 24.1 / 22.3 dB against 19.6 / 17.9 dB for the
-   low-pass baseline. Fine-tuning uses its own learning rate ``finetune_lr`` (3e-4): RMSprop's
-   first steps move every weight by ~10× the learning rate, and at the pre-training 1e-3 a short
-   fine-tuning (200 images, 1 epoch) left the output below the noisy input's PSNR (8.7 vs
-   10.1 dB; 17.8 dB at 3e-4). With the paper's three encoder modules, block 3 still merged the
-   three 1OR4 views whose clean images correlate at 0.87–0.90 (after block 2: F1 0.96), and
-   neither wider blocks (16-32-64), residual blocks (no denoising: the 8× pooled bottleneck
-   cannot carry pixel noise), arbitrary-angle augmentation, cascade pre-training inputs, fewer
-   pre-training epochs nor k = 10 changed that; the receptive field did.
-   **Receptive field.** The cause: a block whose receptive field spans the particle learns,
-   from pre-training pairs of four views of one structure, to *recognise* the view and output its
-   template (at SNR 0.4 and above the view is easy to tell), and then snaps another structure's
-   images to those templates. Block 1, at SNR 0.1, cannot tell the views apart and learns a
-   generic local denoiser, which is why it alone kept the views. So the default is two encoder
-   modules (``widths=[8, 16]``: receptive field ~18 px, under the particle diameter of ~50 px at
-   64 px) rather than the paper's three (~36 px). ``bench cdae`` grid, 150 test images per view,
-   k-means F1 on 1H4A / 1OR4 / 1PWC at SNR 0.1: 1.000 / 0.990 / 0.993 (three modules 0.998 /
-   0.955 / 0.889); at SNR 0.01: 0.912 / 0.771 / 0.719 (three modules 0.648 / 0.455 / 0.476;
-   low-pass 0.951 / 0.862 / 0.714; oracle 0.972 / 0.930 / 0.908). PSNR at SNR 0.1 stays at
-   21–23 dB. For larger images or the paper's set-up, pass ``--widths 32 64 128``.
+   the paper (Adam an option). With ``pretrain_inputs="pairs"`` (default) block ``j > 1`` reads
+   the simulated SNR_j images; ``"cascade"`` feeds it block ``j-1``'s output instead (it collapses
+   similar views onto the mean image, hence not the default; nor is the paper's dropout 0.5).
+   ``augment="dihedral"`` applies one random symmetry of the square per batch to input and target
+   alike, so that the blocks do not learn the few pre-training views as templates.
+2. **Fine-tuning** on the target stack (no clean images): block by block, each image's target is
+   the mean over its ``k`` (30) nearest neighbours among the block's outputs (faiss, after PCA).
+   ``knn_values`` says what is averaged: the neighbours' raw images (default; averaging outputs,
+   the paper's reading, compounds over blocks like diffusion on the k-NN graph), their outputs or
+   their inputs. Fine-tuning has its own learning rate (``finetune_lr``): RMSprop's first steps
+   move each weight by ~10× the learning rate.
 3. Optional **histogram equalisation** of the final output (rank-based, per image).
 
-The paper's ablation **single DAE**: one block, no pre-training, targets the k-NN means of the
-input images themselves.
+Deviation from the paper, and why: the default is two encoder modules (``widths=[8, 16]``,
+receptive field ~18 px) rather than three; a block whose receptive field spans the particle
+learns to recognise the pre-training views and paint their templates onto other structures
+(``--widths 32 64 128`` restores the paper's). The measurements behind each default are in
+``docs/benchmarks.md`` (CDAE).
 
-Every image is normalised to zero mean and unit variance before a block (see
-:mod:`cryoprior.nn.cdae_ops`); outputs are in those units.
+The paper's ablation **single DAE**: one block, no pre-training, targets the k-NN means of the
+input images themselves. Every image is normalised to zero mean and unit variance before a block
+(see :mod:`cryoprior.nn.cdae_ops`); outputs are in those units.
 
 >>> run = train_cdae("sim_pretrain/", "particles.star", CDAEConfig(), "runs/cdae", "auto")  # doctest: +SKIP
 >>> model = load_model(run, "cpu")                                                           # doctest: +SKIP

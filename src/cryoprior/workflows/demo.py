@@ -79,8 +79,8 @@ class DemoConfig:
     red_model: str | None = field(
         default=None, metadata={"metavar": "DIR", "help": "3D denoiser for RED: a train-prior3d folder (None: the shipped one)"}
     )
-    # fewer than CDAE's own defaults (10, 8): on the demo's stack those reach a higher PSNR (21.9 vs
-    # 19.9 dB) but k-means F1 0.65 instead of 0.83 (longer MSE training smooths the view differences away)
+    # fewer than CDAE's own defaults (10, 8): longer MSE training smooths the view differences
+    # away (PSNR up, k-means F1 down; figures in docs/benchmarks.md, CDAE)
     cdae_pretrain_epochs: int = field(default=6, metadata={"help": "CDAE pre-training epochs per block"})
     cdae_finetune_epochs: int = field(default=3, metadata={"help": "CDAE fine-tuning epochs per block"})
     seed: int = field(default=0, metadata={"help": "random seed of every stage"})

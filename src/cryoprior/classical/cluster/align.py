@@ -49,8 +49,7 @@ def _costs(x: torch.Tensor, centres: torch.Tensor, angles: torch.Tensor, mask: t
     ``|x - roll(rotate(centre, angle), shift)|²`` over the angles and the integer shifts up to
     ``max_shift`` pixels per axis. One matrix product per shift (images rolled by it against all
     rotated centres): for a window of a few pixels this beats a full FFT cross-correlation, which
-    computes every one of the d² shifts (measured 6 s vs 45 s for 4000 images of 64², 10
-    classes, 36 angles, ±3 px).
+    computes every one of the d² shifts (docs/benchmarks.md, align-kmeans).
     """
     n, d, _ = x.shape
     t = _rotations(centres, angles) * mask  # (k, R, d, d)
