@@ -131,7 +131,7 @@ def fake_cdae(monkeypatch):
         calls["load_model"] = Path(run_dir)
         return "model"
 
-    def denoise_images(model, images, batch_size, device):
+    def denoise_images(model, images, batch_size, device, units="input"):
         calls["denoise_images"] = (model, images.shape)
         return images
 

@@ -7,7 +7,9 @@
          --method dncnn: DnCNN trained on the --pretrain pairs (SNR 0.1 -> clean), a baseline.
          Writes RUN_DIR: model.pt, checkpoints/, config.yaml, losses.json/.png, metrics.json.
          --resume continues an interrupted run from its last checkpoints.
-  apply  denoise a stack: OUT/denoised.mrcs and OUT/particles.star pointing at it.
+  apply  denoise a stack: OUT/denoised.mrcs and OUT/particles.star pointing at it; the images
+         are estimates of the clean particles in the input's intensity units (--normalised:
+         the network's per-image normalised output instead).
 
 example:
   cryoprior simulate --structure 1hvr --box 64 --pixel-size 1.25 --n 4000 --views 4 \\
@@ -55,6 +57,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     apply.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=None,
                        help="histogram-equalise the output (default: as trained)")
     apply.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the model's")
+    apply.add_argument("--normalised", action="store_true",
+                       help="write the network's per-image normalised output (zero mean, unit variance) "
+                       "instead of the clean-image estimate in the input's units")
     apply.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
 
 
@@ -71,6 +76,7 @@ def main(args: argparse.Namespace) -> int:
     out = pipeline.apply(
         args.model, args.input, args.out, device=args.device, batch_size=args.batch_size,
         equalize=args.equalize, precision=args.precision, overwrite=args.overwrite,
+        units="normalised" if args.normalised else "input",
     )
     print(f"wrote {out}/particles.star and {out}/denoised.mrcs")
     return 0

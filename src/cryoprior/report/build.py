@@ -217,18 +217,21 @@ def _denoise_section(page: Page, items: list[tuple[Path, dict]], stages: dict) -
         for key, label in (("input", "noisy input (no denoising)"),
                            ("stack_mean", "reference: the stack's mean image for every particle")):
             if key not in refs and f"{key}_psnr_db" in m:
-                refs[key] = [label, m[f"{key}_psnr_db"], m.get(f"{key}_ssim"), m.get(f"{key}_spread_ratio", ""),
-                             "", m.get("n_images")]
-        rows.append([_label(folder, m), m.get("psnr_db"), m.get("ssim"), m.get("spread_ratio", ""),
-                     _seconds(m, stages, folder), m.get("n_images")])
+                refs[key] = [label, m[f"{key}_psnr_db"], m.get(f"{key}_ssim"), m.get(f"{key}_psnr_fitted_db", ""),
+                             m.get(f"{key}_spread_ratio", ""), "", m.get("n_images")]
+        rows.append([_label(folder, m), m.get("psnr_db"), m.get("ssim"), m.get("psnr_fitted_db", ""),
+                     m.get("spread_ratio", ""), _seconds(m, stages, folder), m.get("n_images")])
     rows = [refs[k] for k in ("input", "stack_mean") if k in refs] + rows
     scored = [i for i, r in enumerate(rows) if isinstance(r[1], (int, float)) and not r[0].startswith("reference")]
     best = max(scored, key=lambda i: rows[i][1]) if scored else None
-    page.add(table(["method", "PSNR (dB)", "SSIM", "spread across particles (clean = 1)", "time (s)", "images"],
+    page.add(table(["method", "PSNR (dB)", "SSIM", "PSNR after a per-image affine fit (diagnostic)",
+                    "spread across particles (clean = 1)", "time (s)", "images"],
                    rows, best))
-    page.add("<p>PSNR and SSIM against the clean projections, mean over the images, after normalising "
-             "each image and its clean reference to zero mean and unit variance (denoisers differ in output "
-             "scale; CDAE works in normalised units). Higher is better; the best PSNR is in bold. The spread "
+    page.add("<p>PSNR and SSIM against the clean projections in the data's intensity units (every denoiser "
+             "returns its estimate of the clean image in its input's units; peak = each clean image's range), "
+             "mean over the images; no fit. Higher is better; the best PSNR is in bold. The diagnostic column "
+             "normalises each image and its reference to zero mean and unit variance first, which forgives "
+             "any error of scale or offset. The spread "
              "measures how much the images differ from one another (standard deviation across particles, mean "
              "over pixels) relative to the clean projections: near 0, a denoiser returns nearly the same image "
              "for every particle, whatever its PSNR (the reference row shows what that scores here); above 1, "

@@ -164,7 +164,8 @@ def _cdae_features(images: np.ndarray, stack: ParticleStack, config: ClassifyCon
         cdae.train_cdae(pretrain_dir, stack, cdae_config, work / "cdae", device)
         model = cdae.load_model(work / "cdae", device)  # the run folder it wrote, kept in the output
         shutil.rmtree(pretrain_dir)  # reproducible from config.yaml; the model stays in cdae/
-    denoised = np.asarray(cdae.denoise_images(model, images, config.batch_size, device), dtype=np.float32)
+    # clustering normalises every image, so the network's normalised output will do
+    denoised = np.asarray(cdae.denoise_images(model, images, config.batch_size, device, units="normalised"), dtype=np.float32)
     return normalize_images(torch.from_numpy(denoised)).numpy()
 
 

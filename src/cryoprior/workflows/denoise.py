@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cryoprior.config import read_run_config, write_run_config
+from cryoprior.core.metrics import psnr
 from cryoprior.errors import InputError, OutputExistsError
 from cryoprior.fileutil import atomic_dir
 from cryoprior.io.stack import ParticleStack
@@ -75,8 +77,10 @@ def _prepare_out(out: Path, method: str, resume: bool, overwrite: bool) -> None:
 
 
 def truth_metrics(model, stack: ParticleStack, device, config: CDAEConfig, max_images: int = 4000) -> dict:
-    """PSNR (dB, per-image normalised, mean over images) of the noisy input, the denoised output
-    and the histogram-equalised output against ``cpCleanImageName``, on up to ``max_images``."""
+    """PSNR (dB, mean over images, peak = each clean image's range) of the noisy input and the
+    denoised output against ``cpCleanImageName`` in the data's units, on up to ``max_images``;
+    the ``*_fitted_db`` figures (both normalised per image, i.e. after an affine fit) and the
+    histogram-equalised output's are labelled diagnostics."""
     idx = np.arange(min(len(stack), max_images))
     noisy, clean = stack.images(idx), stack.read_image_column(CLEAN_COLUMN, idx)
     t0 = time.perf_counter()
@@ -84,9 +88,11 @@ def truth_metrics(model, stack: ParticleStack, device, config: CDAEConfig, max_i
     seconds = time.perf_counter() - t0
     return {
         "n_images": len(idx),
-        "psnr_input_db": float(psnr_normalised(noisy, clean).mean()),
-        "psnr_denoised_db": float(psnr_normalised(denoised, clean).mean()),
-        "psnr_denoised_equalized_db": float(psnr_normalised(histogram_equalize(denoised), clean).mean()),
+        "psnr_input_db": float(psnr(torch.as_tensor(noisy), torch.as_tensor(clean)).mean()),
+        "psnr_denoised_db": float(psnr(torch.as_tensor(denoised), torch.as_tensor(clean)).mean()),
+        "psnr_input_fitted_db": float(psnr_normalised(noisy, clean).mean()),
+        "psnr_denoised_fitted_db": float(psnr_normalised(denoised, clean).mean()),
+        "psnr_denoised_equalized_fitted_db": float(psnr_normalised(histogram_equalize(denoised), clean).mean()),
         "inference_images_per_s": len(idx) / seconds,
     }
 
@@ -145,9 +151,11 @@ def apply(
     equalize: bool | None = None,
     precision: str | None = None,
     overwrite: bool = False,
+    units: str = "input",
 ) -> Path:
     """Denoise ``in_path`` (STAR/MRCS) with the model of ``model_dir`` into folder ``out``:
     ``denoised.mrcs`` and ``particles.star`` (rlnImageName → denoised.mrcs, other columns kept).
+    ``units``: ``"input"`` (the clean-image estimate in the input's units) or ``"normalised"``.
 
     ``batch_size``/``equalize``/``precision`` default to the model's training config.
     """
@@ -166,7 +174,7 @@ def apply(
     def stream():
         with bar(len(stack), "denoise") as pbar:
             for start, chunk in stack.chunks(APPLY_CHUNK):
-                yield start, denoise_images(model, chunk, batch_size, dev, equalize, precision)
+                yield start, denoise_images(model, chunk, batch_size, dev, equalize, precision, units)
                 pbar.update(len(chunk))
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -174,6 +182,7 @@ def apply(
         write_run_config(
             tmp / "config.yaml", None, model=str(Path(model_dir).absolute()), method=record["method"],
             input=str(Path(in_path).absolute()), equalize=equalize, precision=precision,
+            units="(0, 1) histogram-equalised" if equalize else units,
         )
     log.info("wrote %d denoised particles to %s", len(stack), out)
     return out
