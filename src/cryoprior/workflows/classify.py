@@ -48,7 +48,7 @@ from cryoprior.config import write_run_config
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores
 from cryoprior.errors import InputError, OutputExistsError
-from cryoprior.fileutil import atomic_dir
+from cryoprior.fileutil import atomic_dir, output_folder
 from cryoprior.io.mrc import write_mrcs
 from cryoprior.io.stack import ParticleStack
 from cryoprior.io.star import resolve_image_names, write_star
@@ -262,6 +262,12 @@ def run_classify(
     if out.exists() and not overwrite:
         raise OutputExistsError(out)
     stack = ParticleStack.from_file(in_path)
+    inputs = [in_path, *stack.stack_paths, config.model, config.pretrain_structure]
+    with output_folder(out, inputs, overwrite, argv):
+        return _run_classify(stack, in_path, out, config, argv, overwrite)
+
+
+def _run_classify(stack: ParticleStack, in_path, out: Path, config: ClassifyConfig, argv, overwrite: bool) -> dict:
     n = len(stack)
     if config.classes > n:
         raise InputError(f"--classes {config.classes} is more than the {n} particles", in_path)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cryoprior.config import read_run_config, write_run_config
+from cryoprior.config import config_to_dict, read_run_config, write_run_config
 from cryoprior.errors import InputError, OutputExistsError
-from cryoprior.fileutil import atomic_dir
+from cryoprior.fileutil import atomic_dir, foreign_entries, output_folder
 from cryoprior.io.stack import ParticleStack
 from cryoprior.nn.cdae import CDAEConfig, train_cdae, train_single_dae
 from cryoprior.nn.cdae_ops import check_levels, histogram_equalize, psnr_normalised
@@ -24,7 +24,7 @@ from cryoprior.nn.denoiser import denoise_images, load_model, read_model_file
 from cryoprior.nn.dncnn import DnCNNConfig, train_dncnn
 from cryoprior.nn.training import resolve_device
 from cryoprior.progress import bar
-from cryoprior.workflows.runs import RunDir
+from cryoprior.workflows.runs import RunDir, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +61,40 @@ def _check_inputs(method: str, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNC
     return stack
 
 
-def _prepare_out(out: Path, method: str, resume: bool, overwrite: bool) -> None:
+#: what ``train`` writes in a run folder (``--overwrite`` replaces these and nothing else)
+RUN_ENTRIES = ("model.pt", "checkpoints", "config.yaml", "losses.json", "losses.png", "run.log", "metrics.json")
+#: config fields that may change between a run and its resumption
+RESUMABLE_FIELDS = ("precision", "batch_size_inference")
+
+
+def _prepare_out(out: Path, method: str, resume: bool, overwrite: bool, config) -> None:
     if not out.exists():
         return
     if overwrite:
-        shutil.rmtree(out)
+        foreign = foreign_entries(out, RUN_ENTRIES)
+        if foreign:
+            raise InputError(f"--overwrite replaces only a denoise run, and this folder holds other files "
+                             f"({', '.join(foreign[:5])}); choose another --out", out)
+        for name in RUN_ENTRIES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
         return
     if not resume:
         raise OutputExistsError(out)
     cfg = out / "config.yaml"
-    if cfg.is_file() and read_run_config(cfg).get("method") != method:
-        raise InputError(f"holds a {read_run_config(cfg).get('method')} run, not {method}; cannot resume", out)
+    if not cfg.is_file():
+        return
+    record = read_run_config(cfg)
+    if record.get("method") != method:
+        raise InputError(f"holds a {record.get('method')} run, not {method}; cannot resume", out)
+    old, new = record.get("config", {}), config_to_dict(config)
+    diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
+    if diff:
+        listing = ", ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in diff)
+        raise InputError(f"cannot resume: the run was started with another config ({listing})", out)
 
 
 def truth_metrics(model, stack: ParticleStack, device, config: CDAEConfig, max_images: int = 4000) -> dict:
@@ -113,7 +136,13 @@ def train(
     out = Path(out)
     stack = _check_inputs(method, pretrain, target, cdae, dncnn)
     dev = resolve_device(device)
-    _prepare_out(out, method, resume, overwrite)
+    inputs = [pretrain, target, *(stack.stack_paths if stack is not None else [])]
+    with run_folder(out, inputs):
+        _prepare_out(out, method, resume, overwrite, dncnn if method == "dncnn" else cdae)
+        return _train(method, out, stack, pretrain, target, cdae, dncnn, dev)
+
+
+def _train(method, out: Path, stack, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNConfig, dev) -> dict:
     run = RunDir(out)
     run.attach_log()
     try:
@@ -162,7 +191,13 @@ def apply(
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(out)
+    with output_folder(out, [model_dir, in_path, *stack.stack_paths], overwrite):
+        _apply(model, record, model_dir, stack, in_path, out, batch_size, equalize, precision, dev, overwrite)
+    log.info("wrote %d denoised particles to %s", len(stack), out)
+    return out
 
+
+def _apply(model, record, model_dir, stack, in_path, out, batch_size, equalize, precision, dev, overwrite) -> None:
     def stream():
         with bar(len(stack), "denoise") as pbar:
             for start, chunk in stack.chunks(APPLY_CHUNK):
@@ -175,5 +210,3 @@ def apply(
             tmp / "config.yaml", None, model=str(Path(model_dir).absolute()), method=record["method"],
             input=str(Path(in_path).absolute()), equalize=equalize, precision=precision,
         )
-    log.info("wrote %d denoised particles to %s", len(stack), out)
-    return out
