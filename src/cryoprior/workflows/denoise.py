@@ -18,6 +18,7 @@ from cryoprior.config import config_to_dict, read_run_config, write_run_config
 from cryoprior.errors import InputError, OutputExistsError
 from cryoprior.fileutil import atomic_dir, foreign_entries, output_folder
 from cryoprior.io.stack import ParticleStack
+from cryoprior.io.star import OpticsFlags
 from cryoprior.nn.cdae import CDAEConfig, train_cdae, train_single_dae
 from cryoprior.nn.cdae_ops import check_levels, histogram_equalize, psnr_normalised
 from cryoprior.nn.denoiser import denoise_images, load_model, read_model_file
@@ -33,14 +34,15 @@ CLEAN_COLUMN = "cpCleanImageName"
 APPLY_CHUNK = 4096  # images per chunk streamed through the network
 
 
-def _open_stack(path: str | Path) -> ParticleStack:
+def _open_stack(path: str | Path, optics: OpticsFlags | None = None) -> ParticleStack:
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", path)
-    return ParticleStack.from_file(path)
+    return ParticleStack.from_file(path, optics)
 
 
-def _check_inputs(method: str, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNConfig) -> ParticleStack | None:
+def _check_inputs(method: str, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNConfig,
+                  optics: OpticsFlags | None = None) -> ParticleStack | None:
     """Validate everything (nothing is written); returns the opened target stack."""
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -50,7 +52,7 @@ def _check_inputs(method: str, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNC
     if needs_target and target is None:
         raise InputError(f"--method {method} needs --target IN.star (the stack to fine-tune on)")
     (dncnn if method == "dncnn" else cdae).validate()
-    stack = None if target is None else _open_stack(target)
+    stack = None if target is None else _open_stack(target, optics)
     if pretrain is not None:
         snrs = cdae.pretrain_snrs if method == "cdae" else [dncnn.snr_in, float("inf")]
         box = check_levels(pretrain, snrs)
@@ -125,6 +127,7 @@ def train(
     device: str = "auto",
     resume: bool = False,
     overwrite: bool = False,
+    optics: OpticsFlags | None = None,
 ) -> dict:
     """Train ``method`` (cdae, single-dae, dncnn) into run folder ``out``; returns its metrics.
 
@@ -134,7 +137,7 @@ def train(
     """
     cdae, dncnn = cdae or CDAEConfig(), dncnn or DnCNNConfig()
     out = Path(out)
-    stack = _check_inputs(method, pretrain, target, cdae, dncnn)
+    stack = _check_inputs(method, pretrain, target, cdae, dncnn, optics)
     dev = resolve_device(device)
     inputs = [pretrain, target, *(stack.stack_paths if stack is not None else [])]
     with run_folder(out, inputs):
@@ -174,6 +177,7 @@ def apply(
     equalize: bool | None = None,
     precision: str | None = None,
     overwrite: bool = False,
+    optics: OpticsFlags | None = None,
 ) -> Path:
     """Denoise ``in_path`` (STAR/MRCS) with the model of ``model_dir`` into folder ``out``:
     ``denoised.mrcs`` and ``particles.star`` (rlnImageName → denoised.mrcs, other columns kept).
@@ -181,7 +185,7 @@ def apply(
     ``batch_size``/``equalize``/``precision`` default to the model's training config.
     """
     record = read_model_file(model_dir)  # checks the model before anything is written
-    stack = _open_stack(in_path)
+    stack = _open_stack(in_path, optics)
     cfg = record.get("config", {})
     batch_size = int(batch_size or cfg.get("batch_size_inference", 256))
     equalize = bool(cfg.get("equalize", False)) if equalize is None else equalize
