@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from cryoprior.errors import InputError
-from cryoprior.io.star import OpticsFlags
 from cryoprior.io import (
     MrcsWriter,
     ParticleStack,
@@ -26,6 +25,7 @@ from cryoprior.io import (
     write_mrcs,
     write_star,
 )
+from cryoprior.io.star import OpticsFlags
 
 
 def _images(n, d=16, seed=0):

@@ -26,7 +26,14 @@ import pandas as pd
 from cryoprior.errors import InputError
 from cryoprior.fileutil import atomic_path
 from cryoprior.io.mrc import MappedStack, MrcsWriter, _as_numpy, read_mrc_header
-from cryoprior.io.star import OpticsFlags, build_optics, link_optics, read_star, resolve_image_names, write_star
+from cryoprior.io.star import (
+    OpticsFlags,
+    build_optics,
+    link_optics,
+    read_star,
+    resolve_image_names,
+    write_star,
+)
 
 _CHUNK_BYTES = 64 << 20  # default chunk size when streaming a whole stack
 
