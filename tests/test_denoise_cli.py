@@ -76,7 +76,8 @@ def test_single_dae_and_dncnn_train_and_resume(sim, tmp_path, capsys):
     target = str(sim / "target" / "particles.star")
     run = tmp_path / "dae"
     rc, err = _run(["denoise", "train", "--method", "single-dae", "--target", target, "--out", str(run), *FAST], capsys)
-    assert rc == 0, err and (run / "model.pt").is_file()
+    assert rc == 0, err
+    assert (run / "model.pt").is_file()
     rc, err = _run(["denoise", "train", "--method", "single-dae", "--target", target, "--out", str(run), *FAST], capsys)
     assert rc == 2 and "already exists" in err
     rc, err = _run(["denoise", "train", "--method", "single-dae", "--target", target, "--out", str(run),
@@ -133,6 +134,7 @@ def test_apply_bad_inputs_fail_cleanly(sim, tmp_path, capsys):
                     str(out)], capsys)
     assert rc == 2 and "x.star" in err and len(err.strip().splitlines()) == 1 and not out.exists()
     rc, err = _run(["denoise", "apply", "--model", str(tmp_path / "tiny"), target, "--out", str(out)], capsys)
-    assert rc == 0, err and (out / "denoised.mrcs").is_file()
+    assert rc == 0, err
+    assert (out / "denoised.mrcs").is_file()
     rc, err = _run(["denoise", "apply", "--model", str(tmp_path / "tiny"), target, "--out", str(out)], capsys)
     assert rc == 2 and "already exists" in err
