@@ -66,7 +66,7 @@ def test_kmeans_end_to_end(sim, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
-@pytest.mark.parametrize("method", ["hc", "bsk", "pca-kmeans"])
+@pytest.mark.parametrize("method", ["hc", "bsk", "pca-kmeans", "isomap-kmeans"])
 def test_other_methods_classify_views(sim, tmp_path, method):
     assert _run(sim, "--classes", 4, "--method", method, "--out", tmp_path / "run") == 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["f1"] > 0.9

@@ -21,7 +21,7 @@ from cryoprior.io.stack import ParticleStack
 from cryoprior.io.star import OpticsFlags
 from cryoprior.nn.cdae import CDAEConfig, train_cdae, train_single_dae
 from cryoprior.nn.cdae_ops import check_levels, histogram_equalize, psnr_normalised
-from cryoprior.nn.denoiser import denoise_images, load_model, read_model_file
+from cryoprior.nn.denoiser import denoise_images, load_model, read_model_file, resolved_precision
 from cryoprior.nn.dncnn import DnCNNConfig, train_dncnn
 from cryoprior.nn.training import resolve_device
 from cryoprior.progress import bar
@@ -156,7 +156,9 @@ def _train(method, out: Path, stack, pretrain, target, cdae: CDAEConfig, dncnn: 
             train_single_dae(stack, cdae, out, dev)
         else:
             train_dncnn(pretrain, dncnn, out, dev)
-        metrics: dict = {"method": method, "train_seconds": time.perf_counter() - t0, "device": str(dev)}
+        # the precision truth_metrics runs at, as it resolves on this machine (auto may be bf16)
+        metrics: dict = {"method": method, "train_seconds": time.perf_counter() - t0, "device": str(dev),
+                         "inference_precision": resolved_precision(cdae.precision, dev)}
         if stack is not None:
             metrics["target"] = str(target)
             if stack.has_column(CLEAN_COLUMN):
@@ -189,7 +191,7 @@ def apply(
     cfg = record.get("config", {})
     batch_size = int(batch_size or cfg.get("batch_size_inference", 256))
     equalize = bool(cfg.get("equalize", False)) if equalize is None else equalize
-    precision = precision or cfg.get("precision", "auto")
+    precision = precision or cfg.get("precision", "fp32")
     dev = resolve_device(device)
     model = load_model(model_dir, dev)
     out = Path(out)
@@ -213,4 +215,5 @@ def _apply(model, record, model_dir, stack, in_path, out, batch_size, equalize, 
         write_run_config(
             tmp / "config.yaml", None, model=str(Path(model_dir).absolute()), method=record["method"],
             input=str(Path(in_path).absolute()), equalize=equalize, precision=precision,
+            inference_precision=resolved_precision(precision, dev), device=str(dev),
         )

@@ -130,9 +130,9 @@ def run_train_prior3d(config: Prior3DConfig, out_dir: str | Path, argv: list[str
 
 def _run(config: Prior3DConfig, out_dir: str | Path, argv: list[str] | None) -> dict:
     run = RunDir(out_dir)
+    run.check_config(config, argv, ignore=("device",))  # a rerun resumes only the same config; else: which fields
     run.attach_log()
     try:
-        run.check_config(config, argv, ignore=("device",))  # a resumed run must have the same config (else: which fields)
         specs = list(config.structures) + [
             f"{PSEUDO_PREFIX}{i}" for i in range(config.pseudo_proteins)
         ]
