@@ -181,7 +181,8 @@ class RunDir:
     def check_config(self, config: Any, argv: list[str] | None = None, ignore: tuple[str, ...] = (), **extra: Any) -> None:
         """Write ``config.yaml`` on a first run; on a resumed run, insist the config is the same.
 
-        Fields named in ``ignore`` (e.g. the device) may differ between runs; ``extra`` entries
+        Fields named in ``ignore`` (e.g. the device, the epochs) may differ between runs (the record
+        then takes the new values); ``extra`` entries
         (e.g. the list of planned stages) are written on the first run and updated on resumed
         ones. Raises ``InputError`` naming the differing fields, so results of two configs
         never mix in one folder.
@@ -200,7 +201,11 @@ class RunDir:
                 "choose another --out or remove the folder", self.path,
             )
         log.info("resuming the run in %s (started %s)", self.path, record.get("time"))
-        if any(record.get(k) != v for k, v in extra.items()):
+        changed = [k for k in ignore if k in new and old.get(k) != new.get(k)]
+        if changed:  # e.g. more epochs, another device: the record says what this run used
+            log.info("resumed with %s", ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed))
+            record["config"] = new
+        if changed or any(record.get(k) != v for k, v in extra.items()):
             record.update(extra)
             with atomic_path(path) as tmp:
                 tmp.write_text(yaml.safe_dump(record, sort_keys=False))

@@ -130,7 +130,8 @@ def run_train_prior3d(config: Prior3DConfig, out_dir: str | Path, argv: list[str
 
 def _run(config: Prior3DConfig, out_dir: str | Path, argv: list[str] | None) -> dict:
     run = RunDir(out_dir)
-    run.check_config(config, argv, ignore=("device",))  # a rerun resumes only the same config; else: which fields
+    # a rerun resumes only the same config (more epochs, another device are fine); else: which fields
+    run.check_config(config, argv, ignore=("device", "epochs"))
     run.attach_log()
     try:
         specs = list(config.structures) + [
