@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 
 from cryoprior.cli.main import main
 from cryoprior.io.stack import ParticleStack
@@ -54,7 +55,7 @@ def test_train_apply_round_trip(sim, tmp_path, capsys):
     target = sim / "target" / "particles.star"
     rc, err = _run(["denoise", "apply", "--model", str(run), str(target), "--out", str(out), "--device", "cpu"], capsys)
     assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "denoised.mrcs", "particles.star"]
+    assert sorted(p.name for p in out.iterdir()) == [".cryoprior-files", "config.yaml", "denoised.mrcs", "particles.star"]
     table, _ = read_star(out / "particles.star")
     assert all(name.endswith("@denoised.mrcs") for name in table["rlnImageName"])
     original, _ = read_star(target)
@@ -76,12 +77,20 @@ def test_single_dae_and_dncnn_train_and_resume(sim, tmp_path, capsys):
     target = str(sim / "target" / "particles.star")
     run = tmp_path / "dae"
     rc, err = _run(["denoise", "train", "--method", "single-dae", "--target", target, "--out", str(run), *FAST], capsys)
-    assert rc == 0, err and (run / "model.pt").is_file()
+    assert rc == 0, err
+    assert (run / "model.pt").is_file()
     rc, err = _run(["denoise", "train", "--method", "single-dae", "--target", target, "--out", str(run), *FAST], capsys)
     assert rc == 2 and "already exists" in err
     rc, err = _run(["denoise", "train", "--method", "single-dae", "--target", target, "--out", str(run),
                     "--resume", *FAST], capsys)
     assert rc == 0, err
+    # --resume with other widths: refused, naming the field, and config.yaml is kept (issue 11, item 3)
+    before = (run / "config.yaml").read_text()
+    other = [a if a != "16" else "32" for a in FAST]
+    rc, err = _run(["denoise", "train", "--method", "single-dae", "--target", target, "--out", str(run),
+                    "--resume", *other], capsys)
+    assert rc == 2 and "widths" in err and len(err.strip().splitlines()) == 1, err
+    assert (run / "config.yaml").read_text() == before
     rc, err = _run(["denoise", "train", "--method", "dncnn", "--target", target, "--out", str(run), "--resume",
                     "--pretrain", str(sim / "pre"), *FAST], capsys)
     assert rc == 2 and "cannot resume" in err
@@ -133,6 +142,15 @@ def test_apply_bad_inputs_fail_cleanly(sim, tmp_path, capsys):
                     str(out)], capsys)
     assert rc == 2 and "x.star" in err and len(err.strip().splitlines()) == 1 and not out.exists()
     rc, err = _run(["denoise", "apply", "--model", str(tmp_path / "tiny"), target, "--out", str(out)], capsys)
-    assert rc == 0, err and (out / "denoised.mrcs").is_file()
+    assert rc == 0, err
+    assert (out / "denoised.mrcs").is_file()
+    # the precision the network ran at is recorded; the default is float32 on every machine
+    record = yaml.safe_load((out / "config.yaml").read_text())
+    assert record["precision"] == "fp32" and record["inference_precision"] == "fp32"
     rc, err = _run(["denoise", "apply", "--model", str(tmp_path / "tiny"), target, "--out", str(out)], capsys)
     assert rc == 2 and "already exists" in err
+    # --out the model folder (or inside it) is refused; the model is kept (issue 11, item 1)
+    for bad in (tmp_path / "tiny", tmp_path / "tiny" / "sub"):
+        rc, err = _run(["denoise", "apply", "--model", str(tmp_path / "tiny"), target, "--out", str(bad),
+                        "--overwrite"], capsys)
+        assert rc == 2 and "input" in err and (tmp_path / "tiny" / "model.pt").is_file()

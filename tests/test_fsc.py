@@ -148,3 +148,22 @@ def test_fsc_weighted_lowpass(box):
     torch.testing.assert_close(out[1], torch.zeros_like(vol[1]))
     with pytest.raises(ValueError, match="shells"):
         fsc_weighted_lowpass(vol, torch.ones(3), ndim=3)
+
+
+def test_nan_in_a_map_or_curve_is_an_error_not_zero():
+    """One NaN voxel used to give FSC 0 everywhere, and resolution_at then reported Nyquist
+    (issue 11, item 7)."""
+    from cryoprior.errors import NonFiniteError
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 16, 16, generator=g)
+    b = a.clone()
+    b[3, 4, 5] = float("nan")
+    with pytest.raises(NonFiniteError):
+        fsc(a, b, ndim=3)
+    with pytest.raises(NonFiniteError):
+        fsc(a.masked_fill(a > 2.5, float("inf")), a, ndim=3)
+    curve = fsc(a, a, ndim=3)
+    curve[4] = float("nan")
+    with pytest.raises(NonFiniteError):
+        resolution_at(curve, 16, 1.0)

@@ -25,6 +25,7 @@ from cryoprior.io import (
     write_mrcs,
     write_star,
 )
+from cryoprior.io.star import OpticsFlags
 
 
 def _images(n, d=16, seed=0):
@@ -50,11 +51,15 @@ def test_mrcs_round_trip_is_exact_and_flagged_as_stack(tmp_path):
         assert mrc.header.rms == pytest.approx(images.std(), rel=1e-4)
 
 
-def test_single_2d_image_reads_as_stack_of_one_and_zero_pixel_size_reads_as_one(tmp_path):
+def test_single_2d_image_reads_as_stack_of_one_and_zero_pixel_size_is_unknown(tmp_path):
     with mrcfile.new(tmp_path / "one.mrc") as mrc:
         mrc.set_data(np.arange(64, dtype=np.float32).reshape(8, 8))
     data, pixel_size_a = read_mrc(tmp_path / "one.mrc")
-    assert data.shape == (1, 8, 8) and data[0, 1, 0] == 8 and pixel_size_a == 1.0
+    assert data.shape == (1, 8, 8) and data[0, 1, 0] == 8 and pixel_size_a == 0.0
+    # a particle stack needs a pixel size: never a guessed 1 Å (issue 11, item 4)
+    with pytest.raises(InputError, match="pixel size"):
+        ParticleStack.from_file(tmp_path / "one.mrc")
+    assert ParticleStack.from_file(tmp_path / "one.mrc", OpticsFlags(pixel_size_a=2.5)).pixel_size_a == 2.5
 
 
 def test_zero_machine_stamp_is_read_as_little_endian(tmp_path):
@@ -91,6 +96,7 @@ def test_integer_and_half_modes_read_as_float32(tmp_path, dtype):
     values = (np.arange(2 * 8 * 8) % 100).astype(dtype).reshape(2, 8, 8)
     with mrcfile.new(tmp_path / "m.mrcs") as mrc:
         mrc.set_data(values)
+        mrc.voxel_size = 1.0
     stack = ParticleStack.from_file(tmp_path / "m.mrcs")
     np.testing.assert_array_equal(stack.images(), values.astype(np.float32))
 
@@ -174,8 +180,9 @@ def test_write_star_builds_optics_and_moves_optics_columns(tmp_path):
     assert list(got.columns) == ["rlnImageName", "rlnDefocusU", "rlnOpticsGroup"]
     row = optics.iloc[0]
     assert (row.rlnOpticsGroup, row.rlnOpticsGroupName, row.rlnImageSize) == (1, "opticsGroup1", 64)
-    assert (row.rlnVoltage, row.rlnSphericalAberration) == (200.0, 2.7)
-    assert row.rlnAmplitudeContrast == 0.1
+    assert row.rlnVoltage == 200.0
+    # optics the particles do not carry are left out, never invented (issue 11, item 4)
+    assert "rlnSphericalAberration" not in optics.columns and "rlnAmplitudeContrast" not in optics.columns
     assert (row.rlnImagePixelSize, row.rlnImageDimensionality) == (1.1, 2)
     with pytest.raises(ValueError, match="pixel_size_a"):
         write_star(tmp_path / "q.star", particles)
@@ -389,6 +396,7 @@ def test_streaming_keeps_resident_memory_flat(tmp_path):
     n, box = 10_000, 128
     with mrcfile.new_mmap(tmp_path / "big.mrcs", (n, box, box), mrc_mode=2) as mrc:
         mrc.set_image_stack()
+        mrc.voxel_size = 1.0
     script = textwrap.dedent("""
         import sys, numpy as np
         from cryoprior.io import ParticleStack, read_mrc

@@ -260,3 +260,23 @@ def test_training_on_reconstructions_improves_held_out_maps(tmp_path):
     assert result["n_improved_mean_fsc"] == result["n"] == 2
     mean = result["mean"]
     assert mean["output"]["resolution_0.5_a"] < mean["input"]["resolution_0.5_a"]
+
+
+def test_rerun_with_another_config_is_refused_and_names_the_field(tmp_path, capsys):
+    """A rerun resumes only the same config: another --noise-model used to resume the old
+    checkpoint (issue 11). The stored config.yaml is kept."""
+    from cryoprior.cli.main import main as cli_main
+    from cryoprior.config import write_run_config
+    from cryoprior.nn.prior3d import Prior3DConfig
+
+    out = tmp_path / "prior"
+    out.mkdir()
+    args = ["--structures", "4ake", "--validation-structures", "1ake", "--box", "32", "--epochs", "1"]
+    write_run_config(out / "config.yaml", Prior3DConfig(structures=["4ake"], validation_structures=["1ake"],
+                                                        box=[32], epochs=1, noise_model="reconstruction"))
+    before = (out / "config.yaml").read_text()
+    rc = cli_main(["-q", "train-prior3d", *args, "--noise-model", "gaussian", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "noise_model" in err and len(err.splitlines()) == 1, err
+    assert (out / "config.yaml").read_text() == before
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]

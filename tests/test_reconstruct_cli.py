@@ -38,11 +38,15 @@ def test_known_poses_end_to_end(sim, tmp_path, capsys):
     rc = main(["-q", "reconstruct", str(sim / "particles.star"), "--truth", str(truth), "--out", str(out)])
     assert rc == 0
     assert "half-map resolution" in capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} == {"map.mrc", "half1.mrc", "half2.mrc", "fsc.json", "config.yaml"}
+    assert {p.name for p in out.iterdir()} == {"map.mrc", "half1.mrc", "half2.mrc", "fsc.json", "config.yaml", ".cryoprior-files"}
     report = json.loads((out / "fsc.json").read_text())
     assert len(report["fsc_half"]) == len(report["fsc_truth"]) == 11
-    for key in ("resolution_half_0143_a", "resolution_half_05_a", "resolution_truth_0143_a", "resolution_truth_05_a"):
-        assert 8.0 <= report[key] <= 80.0
+    # Nyquist is 8 Å and the box 80 Å: the range used to admit every value (issue 11, item 11).
+    # At SNR 2 with 240 particles at known poses: ~10.6 Å to the truth at 0.5, ~10.6 Å half-map at 0.143
+    assert 8.0 < report["resolution_truth_05_a"] < 13.0
+    assert 8.0 < report["resolution_half_0143_a"] < 13.0
+    assert report["resolution_truth_0143_a"] < report["resolution_truth_05_a"]
+    assert report["resolution_half_0143_a"] < report["resolution_half_05_a"]
     assert report["fsc_truth"][2] > 0.8
     vol, pixel = read_map(out / "map.mrc")
     assert vol.shape == (20, 20, 20) and pixel == pytest.approx(4.0)
@@ -62,10 +66,16 @@ def test_cw_red_and_refine_end_to_end(sim, tmp_path, stand_in_denoiser):
     ]
     assert main(args) == 0
     report = json.loads((out / "fsc.json").read_text())
-    assert report["prior"] == "cw-red" and 0.0 <= report["lambda"] <= 1.0
-    assert [h["iteration"] for h in report["refine_history"]] == [1, 2]
-    assert report["refine_history"][0]["search"] == "global"
-    assert 0 <= report["angular_error_mean_deg"] <= 180
+    assert report["prior"] == "cw-red"
+    history = report["refine_history"]
+    assert [h["iteration"] for h in history] == [1, 2]
+    assert history[0]["search"] == "global"
+    # CW-RED's rule: λ = 0 at cw_low_a (10 Å) or worse, and this run stays worse than 10 Å
+    assert history[-1]["resolution_unregularised_a"] > 10.0 and report["lambda"] == 0.0
+    # refinement converges: the poses and the resolution improve from the global search on
+    assert history[1]["angular_error_median_deg"] < history[0]["angular_error_median_deg"]
+    assert history[1]["resolution_unregularised_a"] < history[0]["resolution_unregularised_a"]
+    assert report["angular_error_median_deg"] < 20.0
 
 
 def test_refine_without_start_map_fails(sim, tmp_path, capsys):

@@ -279,6 +279,29 @@ def test_red_with_stand_in_denoiser(prior):
         reconstruct_halves(accs[0], accs[1], 2.0, ReconstructionConfig(prior="red"))
 
 
+@pytest.mark.parametrize("prior,margin_identity", [("red", 0.01), ("cw-red", 0.004)])
+def test_red_gains_only_from_an_informative_denoiser(prior, margin_identity):
+    """The FSC floor above passes with an identity or an all-zero denoiser too (issue 11, item 9).
+    Here: a denoiser that knows the answer (returns the true map) must beat the Gaussian prior
+    and the identity by a margin in mean FSC to truth; an all-zero one must gain nothing."""
+    d, n = 16, 300
+    vol, rots, shifts, c, imgs = _simulate(d, n, 2.0, 2, "cpu")
+    accs = [backproject(imgs[h::2], rots[h::2], c[h::2], shifts[h::2]) for h in (0, 1)]
+
+    def mean_fsc(cfg, denoiser=None):
+        res = reconstruct_halves(accs[0], accs[1], 2.0, cfg, denoiser)
+        return float(fsc(res.full.volume, vol, ndim=3)[1:].mean())
+
+    gaussian = mean_fsc(ReconstructionConfig(prior="gaussian"))
+    cfg = ReconstructionConfig(prior=prior)
+    oracle = mean_fsc(cfg, lambda v: vol.to(v))
+    zero = mean_fsc(cfg, torch.zeros_like)
+    identity = mean_fsc(cfg, lambda v: v)
+    assert oracle > gaussian + 0.02, (oracle, gaussian)
+    assert oracle > identity + margin_identity, (oracle, identity)
+    assert zero < gaussian + 0.005, (zero, gaussian)
+
+
 def test_global_grid_is_uniform_enough():
     grid = global_grid(30.0)
     assert torch.allclose(grid @ grid.transpose(-1, -2), torch.eye(3).expand_as(grid), atol=1e-5)

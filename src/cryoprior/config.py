@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from cryoprior import __version__
+from cryoprior.errors import InputError
 from cryoprior.fileutil import atomic_path
 
 
@@ -62,15 +63,33 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] 
         parser.add_argument(flag, **kw)
 
 
-def config_from_args(cls, args: argparse.Namespace, **overrides):
-    """Build a ``cls`` instance from parsed flags (fields absent from ``args`` keep defaults)."""
+def config_from_args(cls, args: argparse.Namespace, validate: bool = True, **overrides):
+    """Build a ``cls`` instance from parsed flags (fields absent from ``args`` keep defaults).
+
+    With ``validate`` (the default), the instance's ``validate()`` runs at once, before any work;
+    a ``ValueError`` it raises becomes an :class:`InputError` (one line on the command line, exit 2).
+    """
     values = {}
     for f in dataclasses.fields(cls):
         if f.name in overrides:
             values[f.name] = overrides[f.name]
         elif hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
-    return cls(**values)
+    config = cls(**values)
+    if validate and callable(getattr(config, "validate", None)):
+        validated(config)
+    return config
+
+
+def validated(config):
+    """``config.validate()``, its ``ValueError`` turned into an ``InputError``; returns ``config``."""
+    try:
+        config.validate()
+    except InputError:
+        raise
+    except ValueError as exc:
+        raise InputError(f"invalid option: {exc}") from exc
+    return config
 
 
 def config_to_dict(config) -> dict:

@@ -25,5 +25,9 @@ class OutputExistsError(CryopriorError, FileExistsError):
         super().__init__(f"{path}: output already exists (remove it or choose another --out)")
 
 
+class NonFiniteError(CryopriorError, ValueError):
+    """NaN or Inf where a number is needed (a map, an FSC curve): never read as zero."""
+
+
 class TrainingDivergedError(CryopriorError, RuntimeError):
     """Training produced NaN/Inf; the last good checkpoint is kept."""

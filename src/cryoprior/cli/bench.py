@@ -28,6 +28,7 @@ import json
 import sys
 from pathlib import Path
 
+from cryoprior.errors import InputError
 from cryoprior.fileutil import atomic_path
 
 # bench name -> (module under cryoprior.bench, default kwargs, quick kwargs)
@@ -52,6 +53,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    for flag, value, least in (("--n", args.n, 1), ("--box", args.box, 8)):
+        if value is not None and value < least:
+            raise InputError(f"{flag} must be >= {least}, got {value}")
     module_name, full, quick = BENCHES[args.which]
     kwargs = dict(quick if args.quick else full)
     if args.n is not None:

@@ -22,6 +22,7 @@ import dataclasses
 import sys
 
 from cryoprior.config import add_config_args, config_from_args
+from cryoprior.io.star import OpticsFlags
 from cryoprior.workflows.classify import ClassifyConfig, run_classify
 
 
@@ -32,13 +33,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--classes", type=int, required=True, metavar="K", dest="classes", help=classes.metadata["help"]
     )
     add_config_args(parser, ClassifyConfig, skip=("classes",))
+    add_config_args(parser.add_argument_group("optics the input lacks"), OpticsFlags)
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(ClassifyConfig, args)
-    result = run_classify(args.input, args.out, config, argv=sys.argv, overwrite=args.overwrite)
+    result = run_classify(args.input, args.out, config, argv=sys.argv, overwrite=args.overwrite,
+                          optics=config_from_args(OpticsFlags, args))
     sizes = ", ".join(str(s) for s in result["class_sizes"])
     line = f"{result['n']} particles in {config.classes} classes ({sizes}) → {result['out']}/particles.star"
     if result["metrics"] is not None:

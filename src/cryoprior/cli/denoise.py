@@ -24,6 +24,7 @@ import argparse
 import json
 
 from cryoprior.config import add_config_args, config_from_args
+from cryoprior.io.star import OpticsFlags
 from cryoprior.nn.cdae import CDAEConfig
 from cryoprior.nn.denoiser import PRECISIONS
 from cryoprior.nn.dncnn import SHARED_FIELDS, DnCNNConfig
@@ -46,6 +47,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR")
     add_config_args(train.add_argument_group("CDAE / single DAE (and shared training flags)"), CDAEConfig)
     add_config_args(train.add_argument_group("DnCNN"), DnCNNConfig, skip=SHARED_FIELDS)
+    add_config_args(train.add_argument_group("optics the target lacks"), OpticsFlags)
 
     apply = sub.add_parser("apply", help="denoise a particle stack with a trained model", formatter_class=fmt,
                            description=__doc__)
@@ -61,6 +63,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                        help="write the network's per-image normalised output (zero mean, unit variance) "
                        "instead of the clean-image estimate in the input's units")
     apply.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    add_config_args(apply.add_argument_group("optics the input lacks"), OpticsFlags)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -69,6 +72,7 @@ def main(args: argparse.Namespace) -> int:
             args.method, args.out, pretrain=args.pretrain, target=args.target,
             cdae=config_from_args(CDAEConfig, args), dncnn=config_from_args(DnCNNConfig, args),
             device=args.device, resume=args.resume, overwrite=args.overwrite,
+            optics=config_from_args(OpticsFlags, args),
         )
         print(json.dumps(metrics, indent=2))
         print(f"wrote {args.out}/model.pt")
@@ -77,6 +81,7 @@ def main(args: argparse.Namespace) -> int:
         args.model, args.input, args.out, device=args.device, batch_size=args.batch_size,
         equalize=args.equalize, precision=args.precision, overwrite=args.overwrite,
         units="normalised" if args.normalised else "input",
+        optics=config_from_args(OpticsFlags, args),
     )
     print(f"wrote {out}/particles.star and {out}/denoised.mrcs")
     return 0

@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from cryoprior.config import add_config_args, config_from_args
 from cryoprior.errors import InputError
 from cryoprior.io import ParticleStack
+from cryoprior.io.star import OpticsFlags
 from cryoprior.sim.dataset import TRUTH_COLUMN, measured_snr
 
 LABEL_COLUMNS = ("cpViewLabel", "cpConformationLabel", "cpContaminated")
@@ -29,6 +31,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "input", metavar="IN.star|IN.mrcs", help="particle STAR file or image stack"
     )
+    add_config_args(parser.add_argument_group("optics the file lacks"), OpticsFlags)
     parser.add_argument("--json", action="store_true", help="print a JSON dict instead of text")
     parser.add_argument(
         "--max-images",
@@ -42,7 +45,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.max_images < 1:
         raise InputError(f"--max-images must be >= 1, got {args.max_images}")
-    stack = ParticleStack.from_file(args.input)
+    stack = ParticleStack.from_file(args.input, config_from_args(OpticsFlags, args))
     info = describe(stack, max_images=args.max_images)
     if args.json:
         print(json.dumps(info, indent=2))

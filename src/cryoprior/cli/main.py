@@ -47,6 +47,22 @@ SUMMARIES: dict[str, str] = {
 }
 
 
+#: errors the user can act on: one line, exit 2 (anything else is a bug and keeps its traceback).
+#: Beyond the package's own errors: the file system refusing (permissions, a file where a folder
+#: is needed, a full disk) and memory running out.
+EXPECTED = (CryopriorError, PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            FileExistsError, MemoryError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({text})"
+    if isinstance(exc, OSError) and not isinstance(exc, CryopriorError):
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}" if exc.filename else text
+    return text
+
+
 def _selected(argv: list[str]) -> str | None:
     """The command named on the command line (the first word that is one), if any."""
     return next((a for a in argv if a in COMMANDS), None)
@@ -91,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     progress.set_enabled(not args.quiet)
     try:
         rc = args._module.main(args)
-    except CryopriorError as exc:
-        print(f"cryoprior {args.command}: error: {exc}", file=sys.stderr)
+    except EXPECTED as exc:
+        if args.verbose:
+            logging.getLogger(__name__).debug("traceback", exc_info=True)
+        print(f"cryoprior {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cryoprior {args.command}: interrupted", file=sys.stderr)

@@ -19,6 +19,7 @@ import argparse
 import sys
 
 from cryoprior.config import add_config_args, config_from_args
+from cryoprior.io.star import OpticsFlags
 from cryoprior.recon.mstep import ReconstructionConfig
 from cryoprior.recon.refine import RefineConfig
 from cryoprior.workflows.reconstruct import ReconstructJob, run_reconstruct
@@ -28,6 +29,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("star", help="particle STAR file (RELION 3.0 or 3.1+)")
     add_config_args(parser, ReconstructionConfig)
     add_config_args(parser, ReconstructJob)
+    add_config_args(parser.add_argument_group("optics the STAR lacks"), OpticsFlags)
     group = parser.add_argument_group("refinement (with --refine)")
     add_config_args(group, RefineConfig)
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
@@ -38,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
     report = run_reconstruct(
         args.star, args.out, config_from_args(ReconstructJob, args), config_from_args(ReconstructionConfig, args),
         config_from_args(RefineConfig, args), argv=sys.argv, overwrite=args.overwrite,
+        optics=config_from_args(OpticsFlags, args),
     )
     line = f"half-map resolution {report['resolution_half_0143_a']:.2f} Å (FSC 0.143)"
     if "resolution_truth_05_a" in report:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 from cryoprior.config import add_config_args, config_from_args
+from cryoprior.nn.training import resolve_device
 from cryoprior.workflows.relion_external import RelionExternalConfig, run_external
 
 
@@ -28,5 +29,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    run_external(args.star, config_from_args(RelionExternalConfig, args))
+    config = config_from_args(RelionExternalConfig, args)
+    resolve_device(config.resolved().device)  # CRYOPRIOR_DEVICE=cuda without a GPU: one line, exit 2
+    run_external(args.star, config)
     return 0

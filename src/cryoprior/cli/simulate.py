@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from cryoprior.config import add_config_args, config_from_args
+from cryoprior.fileutil import output_folder
 from cryoprior.sim.dataset import SimulationConfig, simulate_dataset
 
 
@@ -29,6 +30,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(SimulationConfig, args, views=None if args.uniform else args.views)
-    out = simulate_dataset(config, args.out, overwrite=args.overwrite)
+    config.validate()
+    with output_folder(args.out, config.structures, args.overwrite):
+        out = simulate_dataset(config, args.out, overwrite=args.overwrite)
     print(f"wrote {config.n} particles to {out}/particles.star")
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from cryoprior.core.fft import fft2c, fft3c, ifft2c, ifft3c, radius_grid
+from cryoprior.errors import NonFiniteError
 
 
 def spatial_ndim(x: torch.Tensor, ndim: int | None) -> int:
@@ -86,10 +87,15 @@ def fsc(a: torch.Tensor, b: torch.Tensor, ndim: int | None = None) -> torch.Tens
     """Fourier shell (ring) correlation of real maps or images, per shell ``0..d // 2``.
 
     ``a``, ``b``: ``(..., d, d)`` (ndim 2) or ``(..., d, d, d)`` (ndim 3), same shape.
-    Returns ``(..., d // 2 + 1)``; a shell with no power in either input gives 0.
+    Returns ``(..., d // 2 + 1)``; a shell with no power in either input gives 0. NaN or Inf in
+    either input is a :class:`~cryoprior.errors.NonFiniteError` (it would read as FSC 0).
     """
     if a.shape != b.shape:
         raise ValueError(f"shapes must match: a.shape = {tuple(a.shape)} vs b.shape = {tuple(b.shape)}")
+    for name, x in (("first", a), ("second", b)):
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise NonFiniteError(f"FSC: the {name} map holds {bad} NaN/Inf value(s)")
     ndim = spatial_ndim(a, ndim)
     fa, fb = fftnc(a, ndim), fftnc(b, ndim)
     num = _shell_sums((fa * fb.conj()).real, ndim)
@@ -121,6 +127,9 @@ def resolution_at(
         )
     if pixel_size_a <= 0:
         raise ValueError(f"pixel_size_a must be positive, got {pixel_size_a}")
+    if not bool(torch.isfinite(curve).all()):  # NaN compares False: it would read as Nyquist
+        raise NonFiniteError(f"the FSC curve holds NaN/Inf at shell(s) "
+                             f"{torch.nonzero(~torch.isfinite(curve)).flatten().tolist()}")
     below = torch.nonzero(curve[1:] < threshold).flatten()
     if below.numel() == 0:
         return 2.0 * pixel_size_a

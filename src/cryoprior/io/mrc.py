@@ -2,7 +2,8 @@
 
 Conventions: arrays are ``(n, d, d)`` for image stacks (a single 2D image reads as ``(1, d, d)``)
 and ``(d, d, d)`` for maps, indexed ``[z, y, x]`` as ``mrcfile`` does; pixel sizes are in Å and
-come from the header's ``voxel_size.x`` (a header value of 0 reads as 1.0 Å).
+come from the header's ``voxel_size.x``; a header value of 0 (unset) reads as 0.0 (unknown),
+which ``ParticleStack`` refuses unless the STAR or ``--pixel-size`` gives one.
 
 >>> write_mrcs("p.mrcs", np.zeros((10, 64, 64)), pixel_size_a=1.5)   # doctest: +SKIP
 >>> images, pixel_size_a = read_mrc("p.mrcs")                        # doctest: +SKIP
@@ -85,13 +86,17 @@ def read_mrc_header(path: str | Path) -> MrcInfo:
     size = path.stat().st_size
     if size < need:
         raise InputError(f"file is truncated: header says {need} bytes, file has {size}", path)
+    if size > need:  # e.g. a float32 file whose header claims a 2-byte mode: data would be garbage
+        raise InputError(
+            f"file is larger than its header says (mode {mode}, {nx}x{ny}x{nz} {dtype.name}: {need} bytes, "
+            f"file has {size}); the header's mode or dimensions are wrong", path)
     return MrcInfo(
         path=path,
         shape=(nz, ny, nx),
         dtype=dtype,
         mode=mode,
         data_offset=offset,
-        pixel_size_a=voxel_x if voxel_x > 0 else 1.0,
+        pixel_size_a=voxel_x if voxel_x > 0 and np.isfinite(voxel_x) else 0.0,
         is_image_stack=int(header.ispg) == 0,
     )
 

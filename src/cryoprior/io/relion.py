@@ -66,15 +66,26 @@ def ctf_from_star(stack: ParticleStack, rows: np.ndarray, device=None) -> torch.
     if not stack.has_column("rlnDefocusU"):
         return None
 
-    def col(name: str, default: float) -> torch.Tensor:
-        values = stack.column(name)[rows] if stack.has_column(name) else np.full(len(rows), default)
-        return torch.as_tensor(np.asarray(values, dtype=np.float64))
+    required = {"rlnVoltage": "--voltage-kv", "rlnSphericalAberration": "--cs-mm",
+                "rlnAmplitudeContrast": "--amplitude-contrast"}
+    missing = [c for c in required if not stack.has_column(c)]
+    if missing:  # never a default microscope: 120 kV data read as 300 kV loses half the resolution
+        flags = ", ".join(required[c] for c in missing)
+        raise InputError(f"CTF parameters missing: {', '.join(missing)} (not in the STAR's particles or "
+                         f"data_optics); give {flags}", stack.path)
 
-    u = col("rlnDefocusU", 0.0)
-    v = col("rlnDefocusV", 0.0) if stack.has_column("rlnDefocusV") else u
+    def col(name: str, default: float | None = None) -> torch.Tensor:
+        values = stack.column(name)[rows] if stack.has_column(name) else np.full(len(rows), default)
+        values = np.asarray(values, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise InputError(f"column {name} holds non-finite values", stack.path)
+        return torch.as_tensor(values)
+
+    u = col("rlnDefocusU")
+    v = col("rlnDefocusV") if stack.has_column("rlnDefocusV") else u
     return ctf_2d(
-        stack.box, stack.pixel_size_a, u, v, col("rlnDefocusAngle", 0.0), col("rlnVoltage", 300.0),
-        col("rlnSphericalAberration", 2.7), col("rlnAmplitudeContrast", 0.1), col("rlnPhaseShift", 0.0),
+        stack.box, stack.pixel_size_a, u, v, col("rlnDefocusAngle", 0.0), col("rlnVoltage"),
+        col("rlnSphericalAberration"), col("rlnAmplitudeContrast"), col("rlnPhaseShift", 0.0),
         col("rlnCtfBfactor", 0.0), device=device, dtype=torch.float32,
     )
 

@@ -26,7 +26,14 @@ import pandas as pd
 from cryoprior.errors import InputError
 from cryoprior.fileutil import atomic_path
 from cryoprior.io.mrc import MappedStack, MrcsWriter, _as_numpy, read_mrc_header
-from cryoprior.io.star import build_optics, link_optics, read_star, resolve_image_names, write_star
+from cryoprior.io.star import (
+    OpticsFlags,
+    build_optics,
+    link_optics,
+    read_star,
+    resolve_image_names,
+    write_star,
+)
 
 _CHUNK_BYTES = 64 << 20  # default chunk size when streaming a whole stack
 
@@ -67,9 +74,28 @@ class ParticleStack:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_file(cls, path: str | Path) -> ParticleStack:
-        """Open a ``.star`` (RELION 3.0 or 3.1+), ``.mrcs`` or ``.mrc`` file; reads no images."""
-        path = Path(path).absolute()
+    def from_file(cls, path: str | Path, optics: OpticsFlags | None = None) -> ParticleStack:
+        """Open a ``.star`` (RELION 3.0 or 3.1+), ``.mrcs`` or ``.mrc`` file; reads no images.
+
+        ``optics``: values from the command line (``--pixel-size``, ``--voltage-kv``, ...) that
+        replace or supply the file's. Without a pixel size from the STAR, the MRC header or
+        ``optics``, ``InputError`` (never a guessed 1 Å).
+        """
+        stack = cls._open(Path(path).absolute())
+        if optics is not None:
+            if optics.pixel_size_a is not None:
+                stack.pixel_size_a = float(optics.pixel_size_a)
+            for column, value in optics.columns().items():
+                stack.table[column] = value
+                if stack.optics is not None and column in stack.optics.columns:
+                    stack.optics[column] = value
+        if not stack.pixel_size_a > 0:
+            where = "the STAR has no rlnImagePixelSize and " if stack.path.suffix.lower() == ".star" else ""
+            raise InputError(f"no pixel size: {where}the MRC header says 0 Å; give --pixel-size", stack.path)
+        return stack
+
+    @classmethod
+    def _open(cls, path: Path) -> ParticleStack:
         suffix = path.suffix.lower()
         if suffix == ".star":
             return cls._from_star(path)

@@ -9,6 +9,9 @@ floats with the shortest repr that reads back to the same value.
 from __future__ import annotations
 
 import csv
+import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +34,42 @@ OPTICS_COLUMNS = (
     "rlnBeamTiltY",
     "rlnMtfFileName",
 )
-_OPTICS_DEFAULTS = {"rlnVoltage": 300.0, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1}
 _PARTICLE_BLOCKS = ("particles", "images", "")
+_VERSION = re.compile(r"^#\s*version\s+(\d+)", re.MULTILINE)
+
+
+@dataclass
+class OpticsFlags:
+    """Optics the user gives on the command line, for STAR files that lack them (never guessed)."""
+
+    pixel_size_a: float | None = field(
+        default=None, metadata={"flag": "--pixel-size", "metavar": "Å", "help": "Å/pixel, over the STAR's and the MRC header's"})
+    voltage_kv: float | None = field(default=None, metadata={"metavar": "KV", "help": "acceleration voltage (kV), over rlnVoltage"})
+    cs_mm: float | None = field(default=None, metadata={"metavar": "MM", "help": "spherical aberration (mm), over rlnSphericalAberration"})
+    amplitude_contrast: float | None = field(
+        default=None, metadata={"metavar": "FRACTION", "help": "amplitude contrast, over rlnAmplitudeContrast"})
+
+    def validate(self) -> None:
+        for flag, value, ok in (("--pixel-size", self.pixel_size_a, lambda v: v > 0),
+                                ("--voltage-kv", self.voltage_kv, lambda v: v > 0),
+                                ("--cs-mm", self.cs_mm, lambda v: v >= 0),
+                                ("--amplitude-contrast", self.amplitude_contrast, lambda v: 0 <= v < 1)):
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise InputError(f"{flag} {value} is out of range")
+
+    def columns(self) -> dict[str, float]:
+        """The RELION optics columns these flags set."""
+        named = {"rlnVoltage": self.voltage_kv, "rlnSphericalAberration": self.cs_mm,
+                 "rlnAmplitudeContrast": self.amplitude_contrast}
+        return {k: float(v) for k, v in named.items() if v is not None}
+
+
+def star_version(path: str | Path) -> int | None:
+    """The RELION version comment of the first block (``# version 30001`` → 30001), or None."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16).decode("utf-8", "replace")
+    match = _VERSION.search(head)
+    return int(match.group(1)) if match else None
 
 
 def read_star(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -56,6 +93,14 @@ def read_star(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     if "rlnImageName" not in particles.columns:
         raise InputError("the particle table has no rlnImageName column", path)
     optics = tables.get("optics")
+    if optics is None:
+        version = star_version(path)
+        if version is not None and version >= 30001:
+            raise InputError(f"a RELION 3.1 STAR (# version {version}) without a data_optics table: "
+                             "pixel size, voltage, Cs and amplitude contrast are missing", path)
+        if "rlnOpticsGroup" in particles.columns:
+            raise InputError("the particles name optics groups (rlnOpticsGroup) but there is no "
+                             "data_optics table", path)
     particles = particles.reset_index(drop=True)
     particles.name = None  # starfile attaches the block name; keep the frame plain
     return particles, None if optics is None else optics.reset_index(drop=True)
@@ -89,7 +134,8 @@ def write_star(
 
     Without ``optics``, one is built from the optics columns the particles carry (moved out of the
     particle table; one group per distinct combination), ``pixel_size_a`` and ``box`` (which take
-    precedence over such columns), and RELION's defaults 300 kV, Cs 2.7 mm, amplitude contrast 0.1.
+    precedence over such columns). Optics the particles do not carry (voltage, Cs, amplitude
+    contrast) are left out, never invented.
     """
     if optics is None:
         particles, optics = build_optics(particles, pixel_size_a, box)
@@ -124,9 +170,6 @@ def build_optics(
         raise ValueError("write_star needs optics, a box, or an rlnImageSize column")
     if "rlnImageDimensionality" not in particles.columns:
         particles["rlnImageDimensionality"] = 2
-    for column, value in _OPTICS_DEFAULTS.items():
-        if column not in particles.columns:
-            particles[column] = value
     keys = [c for c in OPTICS_COLUMNS if c in particles.columns]
     if "rlnOpticsGroup" in particles.columns:
         keys = ["rlnOpticsGroup", *keys]

@@ -142,7 +142,7 @@ class CDAEConfig:
     knn_pca_dims: int = field(default=64, metadata={"help": "PCA dimensions before k-NN (0: none)"})
     equalize: bool = field(default=False, metadata={"help": "histogram-equalise the denoised output"})
     precision: str = field(
-        default="auto", metadata={"choices": list(PRECISIONS), "help": "inference precision (auto: bf16 on CPUs with native bf16)"}
+        default="fp32", metadata={"choices": list(PRECISIONS), "help": "inference precision (fp32: the same on every machine; auto: bf16 on CPUs with native bf16)"}
     )
     batch_size_inference: int = field(default=256, metadata={"help": "images per inference batch"})
     seed: int = field(default=0, metadata={"help": "random seed"})

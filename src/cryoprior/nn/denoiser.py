@@ -7,7 +7,8 @@ loaded (``torch.load(weights_only=True)``).
 Inference (:func:`denoise_images`) normalises each image (zero mean, unit variance), runs the
 network in ``torch.inference_mode`` on channels-last batches and returns an estimate of the clean
 image in the input's intensity units (:func:`to_input_units`), or the network's normalised output
-with ``units="normalised"``. ``precision="auto"`` uses bfloat16 autocast on CPUs with native bf16
+with ``units="normalised"``. ``precision="fp32"`` (the default) gives the same result on every
+machine; ``precision="auto"`` uses bfloat16 autocast on CPUs with native bf16
 (AVX512-BF16/AMX, ~2× faster; the change is far below the noise of cryo-EM images) and float32
 elsewhere.
 """
@@ -87,6 +88,11 @@ def load_model(run_dir: str | Path, device: str | torch.device = "auto") -> nn.M
     return model.to(resolve_device(device)).eval()
 
 
+def resolved_precision(precision: str, device: str | torch.device) -> str:
+    """What ``precision`` (fp32, bf16, auto) means on ``device``: ``"fp32"`` or ``"bf16"``."""
+    return "bf16" if _use_bf16(precision, resolve_device(device)) else "fp32"
+
+
 def _use_bf16(precision: str, device: torch.device) -> bool:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -148,7 +154,7 @@ def denoise_images(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     equalize: bool = False,
-    precision: str = "auto",
+    precision: str = "fp32",
     units: str = "input",
 ) -> np.ndarray:
     """Denoise images ``(n, d, d)`` (array or tensor, any scale) → float32 ``(n, d, d)``.

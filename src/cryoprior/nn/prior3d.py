@@ -109,6 +109,28 @@ class Prior3DConfig:
         )
 
     def validate(self) -> None:
+        if not self.box or min(self.box) < 8:
+            raise InputError(f"box sizes must be at least 8 voxels, got {self.box}")
+        if self.crop is not None and self.crop < 1:
+            raise InputError(f"crop must be >= 1, got {self.crop}")
+        counts = {"levels": self.levels, "base_channels": self.base_channels, "convs_per_level": self.convs_per_level,
+                  "pairs_per_structure": self.pairs_per_structure}
+        bad = [f"{k}={v}" for k, v in counts.items() if v < 1]
+        if bad or self.validation_pairs < 0 or self.pseudo_proteins < 0:
+            raise InputError(f"counts must be >= 1 (validation_pairs, pseudo_proteins >= 0): {', '.join(bad) or ''}"
+                             f" validation_pairs={self.validation_pairs} pseudo_proteins={self.pseudo_proteins}")
+        if not self.structures and not self.pseudo_proteins:
+            raise InputError("no training data: give --structures or --pseudo-proteins")
+        if not self.channel_growth > 0:
+            raise InputError(f"channel_growth must be positive, got {self.channel_growth}")
+        for name, (lo, hi) in (("n_particles", self.n_particles), ("snr", self.snr),
+                               ("gaussian_level", self.gaussian_level)):
+            if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+                raise InputError(f"{name} must be a range 0 < low <= high, got {lo} {hi}")
+        if not (math.isfinite(self.pose_error_deg) and self.pose_error_deg >= 0):
+            raise InputError(f"pose_error_deg must be >= 0, got {self.pose_error_deg}")
+        if not (math.isfinite(self.wiener_constant) and self.wiener_constant > 0):
+            raise InputError(f"wiener_constant must be positive, got {self.wiener_constant}")
         if self.noise_model not in NOISE_MODELS:
             raise InputError(f"noise_model must be one of {NOISE_MODELS}, got {self.noise_model!r}")
         if self.loss not in ("l1", "l2"):

@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,6 +259,7 @@ def simulate_dataset(config: SimulationConfig, out_dir: str | Path, overwrite: b
     """Simulate and write a dataset folder (see the module docstring). Atomic: all or nothing."""
     config.validate()
     out_dir = Path(out_dir)
+    check_resources(config, out_dir)
     gen = torch.Generator().manual_seed(config.seed)
     volumes = [load_volume(s, config.box, config.pixel_size_a) for s in config.structures]
     poses = sample_poses(config, gen)
@@ -290,6 +293,32 @@ def simulate_dataset(config: SimulationConfig, out_dir: str | Path, overwrite: b
         (tmp / "dataset.json").write_text(json.dumps(manifest, indent=2, default=str))
     log.info("wrote %d particles to %s", config.n, out_dir)
     return out_dir
+
+
+#: memory per particle held at once: poses, CTF parameters and the particle table (measured ~0.5 kB)
+_BYTES_PER_ROW = 1024
+
+
+def check_resources(config: SimulationConfig, out_dir: Path) -> None:
+    """``InputError`` before any work when the run would not fit: the particle table and poses
+    are held in memory, the stacks (noisy, clean, each SNR level, a temporary signal stack) on disk."""
+    need_ram = config.n * _BYTES_PER_ROW
+    try:
+        avail_ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail_ram = None
+    if avail_ram is not None and need_ram > avail_ram:
+        raise InputError(f"--n {config.n} needs about {need_ram / 2**30:.1f} GiB of memory for the particle "
+                         f"table and poses, {avail_ram / 2**30:.1f} GiB are free; simulate fewer particles")
+    stacks = 3 + len(config.snr_levels)  # noisy, clean, the signal, each level
+    need_disk = config.n * config.box**2 * 4 * stacks
+    parent = out_dir.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if need_disk > free:
+        raise InputError(f"--n {config.n} at box {config.box} writes about {need_disk / 2**30:.1f} GiB, "
+                         f"{free / 2**30:.1f} GiB are free under {parent}; simulate fewer particles")
 
 
 def _volume_name(spec: str, taken: list[str]) -> str:

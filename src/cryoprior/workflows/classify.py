@@ -48,10 +48,10 @@ from cryoprior.config import write_run_config
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores
 from cryoprior.errors import InputError, OutputExistsError
-from cryoprior.fileutil import atomic_dir
+from cryoprior.fileutil import atomic_dir, output_folder
 from cryoprior.io.mrc import write_mrcs
 from cryoprior.io.stack import ParticleStack
-from cryoprior.io.star import resolve_image_names, write_star
+from cryoprior.io.star import OpticsFlags, resolve_image_names, write_star
 from cryoprior.nn.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,8 @@ class ClassifyConfig:
         for flag, value in counts.items():
             if value < 1:
                 raise InputError(f"{flag} must be >= 1, got {value}")
+        if not 0 <= self.seed < 2**32:
+            raise InputError(f"--seed must be in [0, 2**32), got {self.seed}")
         if self.max_shift_px < 0:
             raise InputError(f"--max-shift must be >= 0, got {self.max_shift_px}")
         if self.mask_radius_px is not None and self.mask_radius_px < 0:
@@ -252,7 +254,7 @@ def _write_outputs(tmp: Path, out: Path, stack: ParticleStack, labels: np.ndarra
 
 def run_classify(
     in_path: str | Path, out_dir: str | Path, config: ClassifyConfig,
-    argv: list[str] | None = None, overwrite: bool = False,
+    argv: list[str] | None = None, overwrite: bool = False, optics: OpticsFlags | None = None,
 ) -> dict:
     """Classify the stack at ``in_path`` into the new folder ``out_dir`` (see the module docstring).
 
@@ -262,7 +264,13 @@ def run_classify(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise OutputExistsError(out)
-    stack = ParticleStack.from_file(in_path)
+    stack = ParticleStack.from_file(in_path, optics)
+    inputs = [in_path, *stack.stack_paths, config.model, config.pretrain_structure]
+    with output_folder(out, inputs, overwrite, argv):
+        return _run_classify(stack, in_path, out, config, argv, overwrite)
+
+
+def _run_classify(stack: ParticleStack, in_path, out: Path, config: ClassifyConfig, argv, overwrite: bool) -> dict:
     n = len(stack)
     if config.classes > n:
         raise InputError(f"--classes {config.classes} is more than the {n} particles", in_path)

@@ -42,7 +42,7 @@ from cryoprior.nn.training import resolve_device
 from cryoprior.progress import bar
 from cryoprior.report.build import METHOD_LABELS, build_report
 from cryoprior.sim.dataset import SimulationConfig, measured_snr, simulate_dataset
-from cryoprior.workflows.runs import RunDir
+from cryoprior.workflows.runs import RunDir, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,37 @@ def image_scores(images: np.ndarray, clean: np.ndarray, chunk: int = 512) -> dic
             "psnr_fitted_db": round(total_fitted / n, 3), "spread_ratio": round(float(spread[0] / spread[1]), 4)}
 
 
+# ---- the configs of the stages ---------------------------------------------------------------
+DATASETS = ("views", "pretrain", "uniform")
+
+
+def cdae_config(cfg: DemoConfig):
+    from cryoprior.nn.cdae import CDAEConfig
+
+    return CDAEConfig(pretrain_epochs=cfg.cdae_pretrain_epochs, finetune_epochs=cfg.cdae_finetune_epochs, seed=cfg.seed)
+
+
+def dataset_config(cfg: DemoConfig, name: str) -> SimulationConfig:
+    """The config of dataset ``name``: ``views``, ``pretrain`` (CDAE's SNR ladder) or ``uniform``."""
+    views = dict(structures=[cfg.structure], box=cfg.views_box, pixel_size_a=cfg.views_pixel_size_a, views=K_VIEWS)
+    if name == "views":
+        return SimulationConfig(**views, n=cfg.n_views, snr=cfg.views_snr, seed=cfg.seed)
+    if name == "pretrain":  # other view directions and noise than the stack it is applied to
+        ladder = list(cdae_config(cfg).pretrain_snrs)
+        return SimulationConfig(**views, n=cfg.n_pretrain, snr=ladder[0], snr_levels=ladder, seed=cfg.seed + 2)
+    return SimulationConfig(structures=[cfg.structure], box=cfg.box, pixel_size_a=cfg.pixel_size_a, n=cfg.n_uniform,
+                            snr=cfg.snr, seed=cfg.seed + 1, ctf=True, shift_a=2 * cfg.pixel_size_a)
+
+
+def check_stage_configs(cfg: DemoConfig) -> None:
+    """Validate what every stage will be given, before the first one runs (a bad --box must not
+    simulate hundreds of MB before it is rejected)."""
+    for name in DATASETS:
+        dataset_config(cfg, name).validate()
+    if "cdae" in cfg.denoisers and not missing("cryoprior.nn.cdae", "CDAEConfig"):
+        cdae_config(cfg).validate()
+
+
 # ---- the stages -----------------------------------------------------------------------------
 class _Demo:
     """The demo's stages over one run folder (each returns the JSON-able result it records)."""
@@ -142,16 +173,7 @@ class _Demo:
         self.uniform_star = self.data / "uniform" / "particles.star"
 
     def simulation(self, name: str) -> SimulationConfig:
-        """The config of dataset ``name``: ``views``, ``pretrain`` (CDAE's SNR ladder) or ``uniform``."""
-        c = self.cfg
-        views = dict(structures=[c.structure], box=c.views_box, pixel_size_a=c.views_pixel_size_a, views=K_VIEWS)
-        if name == "views":
-            return SimulationConfig(**views, n=c.n_views, snr=c.views_snr, seed=c.seed)
-        if name == "pretrain":  # other view directions and noise than the stack it is applied to
-            ladder = list(self._cdae_config().pretrain_snrs)
-            return SimulationConfig(**views, n=c.n_pretrain, snr=ladder[0], snr_levels=ladder, seed=c.seed + 2)
-        return SimulationConfig(structures=[c.structure], box=c.box, pixel_size_a=c.pixel_size_a, n=c.n_uniform,
-                                snr=c.snr, seed=c.seed + 1, ctf=True, shift_a=2 * c.pixel_size_a)
+        return dataset_config(self.cfg, name)
 
     def simulate(self, name: str) -> str:
         return str(simulate_dataset(self.simulation(name), self.data / name, overwrite=True))
@@ -193,10 +215,7 @@ class _Demo:
         return self._write_denoised(folder, out, method)
 
     def _cdae_config(self):
-        from cryoprior.nn.cdae import CDAEConfig
-
-        return CDAEConfig(pretrain_epochs=self.cfg.cdae_pretrain_epochs,
-                          finetune_epochs=self.cfg.cdae_finetune_epochs, seed=self.cfg.seed)
+        return cdae_config(self.cfg)
 
     def denoise_cdae(self) -> dict:
         """``cryoprior denoise train --method cdae`` (resumed from its checkpoints), then applied."""
@@ -337,8 +356,9 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, argv: list[str] | N
     """Run (or resume) the demo into ``out``; returns the metrics it wrote to metrics.json."""
     cfg = cfg or DemoConfig()
     cfg.validate()
+    check_stage_configs(cfg)
     device = resolve_device(cfg.device)
-    with RunDir(out) as run:
+    with run_folder(out, [cfg.structure, cfg.red_model], argv), RunDir(out) as run:
         run.attach_log()
         stages = plan(cfg, device)
         run.check_config(cfg, argv, ignore=("device",), stages=[name for name, *_ in stages])

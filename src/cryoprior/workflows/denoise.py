@@ -15,18 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryoprior.config import read_run_config, write_run_config
+from cryoprior.config import config_to_dict, read_run_config, write_run_config
 from cryoprior.core.metrics import psnr
 from cryoprior.errors import InputError, OutputExistsError
-from cryoprior.fileutil import atomic_dir
+from cryoprior.fileutil import atomic_dir, foreign_entries, output_folder
 from cryoprior.io.stack import ParticleStack
+from cryoprior.io.star import OpticsFlags
 from cryoprior.nn.cdae import CDAEConfig, train_cdae, train_single_dae
 from cryoprior.nn.cdae_ops import check_levels, histogram_equalize, psnr_normalised
-from cryoprior.nn.denoiser import denoise_images, load_model, read_model_file
+from cryoprior.nn.denoiser import denoise_images, load_model, read_model_file, resolved_precision
 from cryoprior.nn.dncnn import DnCNNConfig, train_dncnn
 from cryoprior.nn.training import resolve_device
 from cryoprior.progress import bar
-from cryoprior.workflows.runs import RunDir
+from cryoprior.workflows.runs import RunDir, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,15 @@ CLEAN_COLUMN = "cpCleanImageName"
 APPLY_CHUNK = 4096  # images per chunk streamed through the network
 
 
-def _open_stack(path: str | Path) -> ParticleStack:
+def _open_stack(path: str | Path, optics: OpticsFlags | None = None) -> ParticleStack:
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", path)
-    return ParticleStack.from_file(path)
+    return ParticleStack.from_file(path, optics)
 
 
-def _check_inputs(method: str, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNConfig) -> ParticleStack | None:
+def _check_inputs(method: str, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNConfig,
+                  optics: OpticsFlags | None = None) -> ParticleStack | None:
     """Validate everything (nothing is written); returns the opened target stack."""
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -52,7 +54,7 @@ def _check_inputs(method: str, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNC
     if needs_target and target is None:
         raise InputError(f"--method {method} needs --target IN.star (the stack to fine-tune on)")
     (dncnn if method == "dncnn" else cdae).validate()
-    stack = None if target is None else _open_stack(target)
+    stack = None if target is None else _open_stack(target, optics)
     if pretrain is not None:
         snrs = cdae.pretrain_snrs if method == "cdae" else [dncnn.snr_in, float("inf")]
         box = check_levels(pretrain, snrs)
@@ -63,17 +65,40 @@ def _check_inputs(method: str, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNC
     return stack
 
 
-def _prepare_out(out: Path, method: str, resume: bool, overwrite: bool) -> None:
+#: what ``train`` writes in a run folder (``--overwrite`` replaces these and nothing else)
+RUN_ENTRIES = ("model.pt", "checkpoints", "config.yaml", "losses.json", "losses.png", "run.log", "metrics.json")
+#: config fields that may change between a run and its resumption
+RESUMABLE_FIELDS = ("precision", "batch_size_inference")
+
+
+def _prepare_out(out: Path, method: str, resume: bool, overwrite: bool, config) -> None:
     if not out.exists():
         return
     if overwrite:
-        shutil.rmtree(out)
+        foreign = foreign_entries(out, RUN_ENTRIES)
+        if foreign:
+            raise InputError(f"--overwrite replaces only a denoise run, and this folder holds other files "
+                             f"({', '.join(foreign[:5])}); choose another --out", out)
+        for name in RUN_ENTRIES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
         return
     if not resume:
         raise OutputExistsError(out)
     cfg = out / "config.yaml"
-    if cfg.is_file() and read_run_config(cfg).get("method") != method:
-        raise InputError(f"holds a {read_run_config(cfg).get('method')} run, not {method}; cannot resume", out)
+    if not cfg.is_file():
+        return
+    record = read_run_config(cfg)
+    if record.get("method") != method:
+        raise InputError(f"holds a {record.get('method')} run, not {method}; cannot resume", out)
+    old, new = record.get("config", {}), config_to_dict(config)
+    diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
+    if diff:
+        listing = ", ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in diff)
+        raise InputError(f"cannot resume: the run was started with another config ({listing})", out)
 
 
 def truth_metrics(model, stack: ParticleStack, device, config: CDAEConfig, max_images: int = 4000) -> dict:
@@ -108,6 +133,7 @@ def train(
     device: str = "auto",
     resume: bool = False,
     overwrite: bool = False,
+    optics: OpticsFlags | None = None,
 ) -> dict:
     """Train ``method`` (cdae, single-dae, dncnn) into run folder ``out``; returns its metrics.
 
@@ -117,9 +143,15 @@ def train(
     """
     cdae, dncnn = cdae or CDAEConfig(), dncnn or DnCNNConfig()
     out = Path(out)
-    stack = _check_inputs(method, pretrain, target, cdae, dncnn)
+    stack = _check_inputs(method, pretrain, target, cdae, dncnn, optics)
     dev = resolve_device(device)
-    _prepare_out(out, method, resume, overwrite)
+    inputs = [pretrain, target, *(stack.stack_paths if stack is not None else [])]
+    with run_folder(out, inputs):
+        _prepare_out(out, method, resume, overwrite, dncnn if method == "dncnn" else cdae)
+        return _train(method, out, stack, pretrain, target, cdae, dncnn, dev)
+
+
+def _train(method, out: Path, stack, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNConfig, dev) -> dict:
     run = RunDir(out)
     run.attach_log()
     try:
@@ -130,7 +162,9 @@ def train(
             train_single_dae(stack, cdae, out, dev)
         else:
             train_dncnn(pretrain, dncnn, out, dev)
-        metrics: dict = {"method": method, "train_seconds": time.perf_counter() - t0, "device": str(dev)}
+        # the precision truth_metrics runs at, as it resolves on this machine (auto may be bf16)
+        metrics: dict = {"method": method, "train_seconds": time.perf_counter() - t0, "device": str(dev),
+                         "inference_precision": resolved_precision(cdae.precision, dev)}
         if stack is not None:
             metrics["target"] = str(target)
             if stack.has_column(CLEAN_COLUMN):
@@ -152,6 +186,7 @@ def apply(
     precision: str | None = None,
     overwrite: bool = False,
     units: str = "input",
+    optics: OpticsFlags | None = None,
 ) -> Path:
     """Denoise ``in_path`` (STAR/MRCS) with the model of ``model_dir`` into folder ``out``:
     ``denoised.mrcs`` and ``particles.star`` (rlnImageName → denoised.mrcs, other columns kept).
@@ -160,17 +195,24 @@ def apply(
     ``batch_size``/``equalize``/``precision`` default to the model's training config.
     """
     record = read_model_file(model_dir)  # checks the model before anything is written
-    stack = _open_stack(in_path)
+    stack = _open_stack(in_path, optics)
     cfg = record.get("config", {})
     batch_size = int(batch_size or cfg.get("batch_size_inference", 256))
     equalize = bool(cfg.get("equalize", False)) if equalize is None else equalize
-    precision = precision or cfg.get("precision", "auto")
+    precision = precision or cfg.get("precision", "fp32")
     dev = resolve_device(device)
     model = load_model(model_dir, dev)
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(out)
+    with output_folder(out, [model_dir, in_path, *stack.stack_paths], overwrite):
+        _apply(model, record, model_dir, stack, in_path, out, batch_size, equalize, precision, dev, overwrite, units)
+    log.info("wrote %d denoised particles to %s", len(stack), out)
+    return out
 
+
+def _apply(model, record, model_dir, stack, in_path, out, batch_size, equalize, precision, dev, overwrite,
+           units: str) -> None:
     def stream():
         with bar(len(stack), "denoise") as pbar:
             for start, chunk in stack.chunks(APPLY_CHUNK):
@@ -183,6 +225,5 @@ def apply(
             tmp / "config.yaml", None, model=str(Path(model_dir).absolute()), method=record["method"],
             input=str(Path(in_path).absolute()), equalize=equalize, precision=precision,
             units="(0, 1) histogram-equalised" if equalize else units,
+            inference_precision=resolved_precision(precision, dev), device=str(dev),
         )
-    log.info("wrote %d denoised particles to %s", len(stack), out)
-    return out

@@ -14,20 +14,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cryoprior.config import config_to_dict, write_run_config
+from cryoprior.config import config_to_dict, validated, write_run_config
 from cryoprior.core.filters import lowpass
 from cryoprior.core.fsc import fsc, resolution_at, shell_frequencies_a
 from cryoprior.errors import InputError
-from cryoprior.fileutil import atomic_dir
+from cryoprior.fileutil import atomic_dir, output_folder
 from cryoprior.io.mrc import write_map
 from cryoprior.io.relion import ctf_from_star, half_sets, poses_from_star
 from cryoprior.io.stack import ParticleStack
+from cryoprior.io.star import OpticsFlags
+from cryoprior.nn.training import DEVICES, resolve_device
 from cryoprior.progress import bar
 from cryoprior.recon.accumulate import Accumulator, backproject
 from cryoprior.recon.mstep import (
@@ -54,8 +57,38 @@ class ReconstructJob:
     truth: str | None = field(default=None, metadata={"help": "true map (MRC/PDB/builtin id) for the FSC to truth"})
     start: str | None = field(default=None, metadata={"help": "start map for --refine (default: --truth low-passed)"})
     start_lowpass_a: float = field(default=30.0, metadata={"help": "low-pass of the start map, Å"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = field(default="cpu", metadata={"choices": list(DEVICES), "help": "torch device"})
     chunk: int = field(default=256, metadata={"help": "particles per back-projection batch"})
+
+    def validate(self, recon: ReconstructionConfig | None = None, refine_cfg: RefineConfig | None = None) -> None:
+        """Check this job and the M-step / search configs it runs with, before any work."""
+        if self.chunk < 1:
+            raise InputError(f"--chunk must be >= 1, got {self.chunk}")
+        if not (math.isfinite(self.start_lowpass_a) and self.start_lowpass_a > 0):
+            raise InputError(f"--start-lowpass-a must be a positive number of Å, got {self.start_lowpass_a}")
+        resolve_device(self.device)  # InputError for cuda without a GPU
+        for config in (recon, refine_cfg if self.refine else None):
+            if config is not None:
+                validated(config)
+        if recon is not None:
+            check_reconstruction(recon)
+
+
+def check_reconstruction(recon: ReconstructionConfig) -> None:
+    """What ``ReconstructionConfig.validate`` (recon/mstep.py) leaves open: finite λ and limits,
+    and an FSC threshold that is a correlation strictly between 0 and 1."""
+    numbers = {"--red-lambda": recon.red_lambda, "--tau2-fudge": recon.tau2_fudge, "--cw-low-a": recon.cw_low_a,
+               "--cw-high-a": recon.cw_high_a, "--weight-floor": recon.weight_floor,
+               "--fsc-threshold": recon.fsc_threshold}
+    for flag, value in numbers.items():
+        if not math.isfinite(value):
+            raise InputError(f"{flag} must be a finite number, got {value}")
+    if recon.red_lambda < 0:
+        raise InputError(f"--red-lambda must be >= 0, got {recon.red_lambda}")
+    if not 0 < recon.fsc_threshold < 1:
+        raise InputError(f"--fsc-threshold must lie strictly between 0 and 1, got {recon.fsc_threshold}")
+    if not recon.weight_floor > 0:
+        raise InputError(f"--weight-floor must be positive, got {recon.weight_floor}")
 
 
 def _load_map(spec: str, box: int, pixel_size_a: float, device) -> torch.Tensor:
@@ -133,12 +166,20 @@ def run_reconstruct(
     refine_cfg: RefineConfig | None = None,
     argv: list[str] | None = None,
     overwrite: bool = False,
+    optics: OpticsFlags | None = None,
 ) -> dict:
     """Reconstruct ``star`` into the run folder ``out_dir``; returns the ``fsc.json`` content."""
-    recon.validate()
     refine_cfg = refine_cfg or RefineConfig()
-    stack = ParticleStack.from_file(star)
-    device = torch.device(job.device)
+    job.validate(recon, refine_cfg)
+    stack = ParticleStack.from_file(star, optics)
+    inputs = [star, *stack.stack_paths, job.truth, job.start, job.denoiser]
+    with output_folder(out_dir, inputs, overwrite, argv):
+        return _run_reconstruct(stack, star, out_dir, job, recon, refine_cfg, argv, overwrite)
+
+
+def _run_reconstruct(stack, star, out_dir, job: ReconstructJob, recon: ReconstructionConfig,
+                     refine_cfg: RefineConfig, argv, overwrite: bool) -> dict:
+    device = resolve_device(job.device)
     subset = half_sets(stack)
     truth = _load_map(job.truth, stack.box, stack.pixel_size_a, device) if job.truth else None
     denoiser = load_prior_denoiser(job.denoiser, device) if recon.prior != "gaussian" else None
@@ -151,7 +192,7 @@ def run_reconstruct(
             raise InputError("--refine needs a start map: give --start MAP or --truth MAP")
         maps, history = refine_stack(stack, subset, start, recon, refine_cfg, denoiser, job.device)
     else:
-        acc1, acc2 = known_pose_accumulators(stack, subset, recon.pad, job.device, job.chunk)
+        acc1, acc2 = known_pose_accumulators(stack, subset, recon.pad, device, job.chunk)
         maps, history = reconstruct_halves(acc1, acc2, stack.pixel_size_a, recon, denoiser), []
     report = fsc_report(maps, stack.pixel_size_a, truth, recon.prior)
     report["n_particles"] = len(stack)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import yaml
 
 from cryoprior.config import config_to_dict, read_run_config, write_run_config
 from cryoprior.errors import InputError
-from cryoprior.fileutil import atomic_path
+from cryoprior.fileutil import atomic_path, check_out_dir, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,42 @@ def _log_to(path: Path) -> Iterator[None]:
     finally:
         logging.getLogger("cryoprior").removeHandler(handler)
         handler.close()
+
+
+#: what a run folder holds before its first result: removed again when the run fails then
+_BOOKKEEPING = {"config.yaml", "run.log", "stages.json"}
+
+
+def _unstarted(path: Path) -> bool:
+    """Whether ``path`` holds nothing but bookkeeping files, empty folders and an empty stage record."""
+    for p in path.rglob("*"):
+        if p.is_dir():
+            continue
+        rel = p.relative_to(path).as_posix()
+        if rel == "stages.json" and json.loads(p.read_text() or "{}"):
+            return False
+        if rel not in _BOOKKEEPING and not (rel.startswith("logs/") and p.stat().st_size == 0):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def run_folder(out: str | Path, inputs: Iterable[str | Path | None] = (), argv: list[str] | None = None) -> Iterator[bool]:
+    """Hold run folder ``out`` for a (resumable) run: checked against ``inputs`` and locked
+    (:mod:`cryoprior.fileutil`). Yields whether the folder is new; a new folder that the run
+    leaves without any result (it failed before its first stage or epoch) is removed again, so
+    that it neither blocks nor misleads the next run."""
+    check_out_dir(out, inputs)
+    with run_lock(out, argv):
+        path = Path(out)
+        created = not path.exists()
+        try:
+            yield created
+        except BaseException:
+            if created and path.is_dir() and _unstarted(path):
+                shutil.rmtree(path, ignore_errors=True)
+                log.info("removed %s: the run failed before its first result", path)
+            raise
 
 
 class RunDir:
@@ -144,7 +181,8 @@ class RunDir:
     def check_config(self, config: Any, argv: list[str] | None = None, ignore: tuple[str, ...] = (), **extra: Any) -> None:
         """Write ``config.yaml`` on a first run; on a resumed run, insist the config is the same.
 
-        Fields named in ``ignore`` (e.g. the device) may differ between runs; ``extra`` entries
+        Fields named in ``ignore`` (e.g. the device, the epochs) may differ between runs (the record
+        then takes the new values); ``extra`` entries
         (e.g. the list of planned stages) are written on the first run and updated on resumed
         ones. Raises ``InputError`` naming the differing fields, so results of two configs
         never mix in one folder.
@@ -163,7 +201,11 @@ class RunDir:
                 "choose another --out or remove the folder", self.path,
             )
         log.info("resuming the run in %s (started %s)", self.path, record.get("time"))
-        if any(record.get(k) != v for k, v in extra.items()):
+        changed = [k for k in ignore if k in new and old.get(k) != new.get(k)]
+        if changed:  # e.g. more epochs, another device: the record says what this run used
+            log.info("resumed with %s", ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed))
+            record["config"] = new
+        if changed or any(record.get(k) != v for k, v in extra.items()):
             record.update(extra)
             with atomic_path(path) as tmp:
                 tmp.write_text(yaml.safe_dump(record, sort_keys=False))

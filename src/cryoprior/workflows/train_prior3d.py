@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from cryoprior.config import config_to_dict, write_run_config
+from cryoprior.config import config_to_dict
 from cryoprior.core.fsc import fsc, resolution_at
 from cryoprior.fileutil import atomic_path
 from cryoprior.nn.models.unet3d import UNet3D
 from cryoprior.nn.prior3d import Prior3DConfig, apply_denoiser, save_model, train
 from cryoprior.nn.prior3d_data import PSEUDO_PREFIX, NoiseSettings, make_pair
 from cryoprior.progress import progress
-from cryoprior.workflows.runs import RunDir
+from cryoprior.workflows.runs import RunDir, run_folder
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,16 @@ def plot_losses(losses: list[float], path: Path) -> None:
 def run_train_prior3d(config: Prior3DConfig, out_dir: str | Path, argv: list[str] | None = None) -> dict:
     """Build (or reuse) the pairs, train (or resume), validate, write the run folder. → validation."""
     config.validate()
+    with run_folder(out_dir, [*config.structures, *config.validation_structures], argv):
+        return _run(config, out_dir, argv)
+
+
+def _run(config: Prior3DConfig, out_dir: str | Path, argv: list[str] | None) -> dict:
     run = RunDir(out_dir)
+    # a rerun resumes only the same config (more epochs, another device are fine); else: which fields
+    run.check_config(config, argv, ignore=("device", "epochs"))
     run.attach_log()
     try:
-        write_run_config(run.path / "config.yaml", config, argv)
         specs = list(config.structures) + [
             f"{PSEUDO_PREFIX}{i}" for i in range(config.pseudo_proteins)
         ]
