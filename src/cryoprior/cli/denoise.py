@@ -5,6 +5,10 @@
          it on --target towards k-NN means (no clean images needed);
          --method single-dae: one autoencoder, no pre-training (the paper's ablation);
          --method dncnn: DnCNN trained on the --pretrain pairs (SNR 0.1 -> clean), a baseline.
+         --method gan: robust GAN, a ResNet autoencoder + (alpha,beta)-GAN / WGAN-GP / no GAN
+         (--gan none: the lp autoencoder) + lambda * lp loss, trained on (noisy, reference) pairs
+         from --pairs SIM_DIR or from --reference-map MAP.mrc and --target's poses and CTF;
+         output in the references' intensity units.
          Writes RUN_DIR: model.pt, checkpoints/, config.yaml, losses.json/.png, metrics.json.
          --resume continues an interrupted run from its last checkpoints.
   apply  denoise a stack: OUT/denoised.mrcs and OUT/particles.star pointing at it.
@@ -14,6 +18,8 @@ example:
       --snr-levels 0.1 0.4 0.6 inf --out sim_pre
   cryoprior denoise train --method cdae --pretrain sim_pre --target particles.star --out run_cdae
   cryoprior denoise apply --model run_cdae particles.star --out denoised/
+  cryoprior denoise train --method gan --gan beta --alpha 0.5 --beta 0.5 --recon-loss l1 --lambda 10 \\
+      --reference-map run_class001.mrc --target particles.star --out run_gan
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from cryoprior.config import add_config_args, config_from_args
 from cryoprior.nn.cdae import CDAEConfig
 from cryoprior.nn.denoiser import PRECISIONS
 from cryoprior.nn.dncnn import SHARED_FIELDS, DnCNNConfig
+from cryoprior.nn.gan import GANConfig
 from cryoprior.nn.training import DEVICES
 from cryoprior.workflows import denoise as pipeline
 
@@ -44,6 +51,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR")
     add_config_args(train.add_argument_group("CDAE / single DAE (and shared training flags)"), CDAEConfig)
     add_config_args(train.add_argument_group("DnCNN"), DnCNNConfig, skip=SHARED_FIELDS)
+    gan = train.add_argument_group("robust GAN (--method gan)")
+    gan.add_argument("--pairs", metavar="SIM_DIR", help="simulated folder of (noisy, clean) training pairs")
+    gan.add_argument("--reference-map", metavar="MAP.mrc", help="consensus map: references are its projections "
+                     "at the --target particles' poses with their CTF")
+    add_config_args(gan, GANConfig, skip=("seed",))
 
     apply = sub.add_parser("apply", help="denoise a particle stack with a trained model", formatter_class=fmt,
                            description=__doc__)
@@ -64,6 +76,7 @@ def main(args: argparse.Namespace) -> int:
             args.method, args.out, pretrain=args.pretrain, target=args.target,
             cdae=config_from_args(CDAEConfig, args), dncnn=config_from_args(DnCNNConfig, args),
             device=args.device, resume=args.resume, overwrite=args.overwrite,
+            gan=config_from_args(GANConfig, args), pairs=args.pairs, reference_map=args.reference_map,
         )
         print(json.dumps(metrics, indent=2))
         print(f"wrote {args.out}/model.pt")

@@ -22,13 +22,15 @@ from cryoprior.nn.cdae import CDAEConfig, train_cdae, train_single_dae
 from cryoprior.nn.cdae_ops import check_levels, histogram_equalize, psnr_normalised
 from cryoprior.nn.denoiser import denoise_images, load_model, read_model_file
 from cryoprior.nn.dncnn import DnCNNConfig, train_dncnn
+from cryoprior.nn.gan import GANConfig
 from cryoprior.nn.training import resolve_device
 from cryoprior.progress import bar
+from cryoprior.workflows import denoise_gan
 from cryoprior.workflows.runs import RunDir
 
 log = logging.getLogger(__name__)
 
-METHODS = ("cdae", "single-dae", "dncnn")
+METHODS = ("cdae", "single-dae", "dncnn", "gan")
 CLEAN_COLUMN = "cpCleanImageName"
 APPLY_CHUNK = 4096  # images per chunk streamed through the network
 
@@ -102,6 +104,9 @@ def train(
     device: str = "auto",
     resume: bool = False,
     overwrite: bool = False,
+    gan: GANConfig | None = None,
+    pairs: str | Path | None = None,
+    reference_map: str | Path | None = None,
 ) -> dict:
     """Train ``method`` (cdae, single-dae, dncnn) into run folder ``out``; returns its metrics.
 
@@ -111,13 +116,23 @@ def train(
     """
     cdae, dncnn = cdae or CDAEConfig(), dncnn or DnCNNConfig()
     out = Path(out)
-    stack = _check_inputs(method, pretrain, target, cdae, dncnn)
+    if method == "gan":  # robust GAN: pairs from a simulated folder or a map + poses
+        gan_inputs = denoise_gan.prepare(pairs, reference_map, target, gan or GANConfig())
+        stack = None
+    else:
+        stack = _check_inputs(method, pretrain, target, cdae, dncnn)
     dev = resolve_device(device)
     _prepare_out(out, method, resume, overwrite)
     run = RunDir(out)
     run.attach_log()
     try:
         t0 = time.perf_counter()
+        if method == "gan":
+            source = {"pairs": None if pairs is None else str(pairs), "reference_map": None if reference_map is None
+                      else str(reference_map), "target": None if target is None else str(target)}
+            metrics = denoise_gan.train_run(*gan_inputs, gan or GANConfig(), out, dev, source)
+            run.write_metrics(metrics)
+            return metrics
         if method == "cdae":
             train_cdae(pretrain, stack, cdae, out, dev)
         elif method == "single-dae":
@@ -163,10 +178,16 @@ def apply(
     if out.exists() and not overwrite:
         raise OutputExistsError(out)
 
+    scaled = denoise_gan.SCALE_KEY in cfg  # per-stack scaling, output in the references' units
+    in_scale = denoise_gan.stack_scale_streamed(stack) if scaled else None
+
     def stream():
         with bar(len(stack), "denoise") as pbar:
             for start, chunk in stack.chunks(APPLY_CHUNK):
-                yield start, denoise_images(model, chunk, batch_size, dev, equalize, precision)
+                if scaled:
+                    yield start, denoise_gan.denoise_with(model, record, chunk, in_scale, batch_size, dev, precision)
+                else:
+                    yield start, denoise_images(model, chunk, batch_size, dev, equalize, precision)
                 pbar.update(len(chunk))
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
