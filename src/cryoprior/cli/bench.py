@@ -15,6 +15,7 @@ example:
   cryoprior bench simulate --n 10000 --box 128 --out bench_sim.json
   cryoprior bench cdae --quick --out bench_cdae.json
   cryoprior bench red --quick --out bench_red.json
+  cryoprior bench gan --quick --out bench_gan.json
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
     # cdae: --n = test images per view; tables (bench_cdae.md/.json) go to out_dir
     "cdae": ("bench_cdae", {"n": 1000, "box": 64, "quick": False, "out_dir": "bench_cdae"},
              {"n": 150, "box": 64, "quick": True, "out_dir": "bench_cdae_quick"}),
+    # gan: --n = training pairs, --box the image size; tables (bench_gan.md/.json) go to out_dir
+    "gan": ("bench_gan", {"quick": False, "out_dir": "bench_gan"}, {"quick": True, "out_dir": "bench_gan_quick"}),
 }
 
 
@@ -54,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
         kwargs["n"] = args.n
     if args.box is not None:
         kwargs["box"] = args.box
-    module = importlib.import_module(f"cryoprior.workflows.{module_name}")
+    module = importlib.import_module(f"cryoprior.bench.{module_name.removeprefix('bench_')}")
     result = {"bench": args.which, **module.run(**kwargs)}
     text = json.dumps(result, indent=2)
     if args.out:
