@@ -61,10 +61,13 @@ CONTAMINATION_METHODS = ("l2-AE", "l1-AE", "WGAN-GP+l1", "(1,1)-GAN+l1", "(.5,.5
 
 FULL = dict(box=64, n_train=4000, n_test=500, n_conf=60, epochs=30, seeds=(0, 1, 2), snrs=(0.1, 0.05),
             contamination=[(k, e) for k in "ABC" for e in (0.1, 0.2, 0.3)], contamination_seeds=(0, 1, 2),
-            widths=[16, 32, 64])
+            widths=[16, 32, 64], table2=True)
+#: Table 2: (alpha, beta) pairs of the (alpha,beta)-GAN + l1; Table 4: lambda of (.5,.5)-GAN + l1 (full bench only)
+ALPHA_BETA = [(0, 0), (1, 1), (0.5, 0.5), (-0.5, -0.5), (1, -1), (-1, 1), (0.5, -0.5), (-0.5, 0.5)]
+LAMBDAS = [0.1, 1.0, 10.0, 100.0, 1e4]
 QUICK = dict(box=32, n_train=300, n_test=100, n_conf=30, epochs=5, seeds=(0, 1), snrs=(0.1, 0.05),
              contamination=[("A", 0.1), ("A", 0.3), ("C", 0.3)], contamination_seeds=(0,),
-             widths=[8, 16, 32])
+             widths=[8, 16, 32], table2=False)
 #: a generator without residual blocks and one more level, for speed (--g-widths 8 16 32 64 --blocks-per-level 0)
 FAST_GENERATOR = dict(g_widths=[8, 16, 32, 64], blocks_per_level=0)
 
@@ -85,8 +88,9 @@ def image_metrics(den: np.ndarray, clean: np.ndarray) -> dict:
     return {"mse": float(((d - c) ** 2).mean()), "psnr_db": float(psnr(d, c).mean()), "ssim": float(ssim(d, c).mean())}
 
 
-def _train(noisy, clean, method: str, cfg: dict, seed: int, contamination=None):
-    config = GANConfig(**METHODS[method], gan_epochs=cfg["epochs"], g_widths=list(cfg["widths"]),
+def _train(noisy, clean, method: str | dict, cfg: dict, seed: int, contamination=None):
+    kw = METHODS[method] if isinstance(method, str) else method
+    config = GANConfig(**kw, gan_epochs=cfg["epochs"], g_widths=list(cfg["widths"]),
                        d_widths=list(cfg["widths"]), seed=seed)
     y, x, _ = contaminate_pairs(noisy, clean, *(contamination or (None, 0.0)), seed=seed)
     gen, curves, scale = fit_scaled(y, x, config, "cpu", desc=f"{method} seed {seed}")
@@ -186,6 +190,7 @@ def run(quick: bool = False, out_dir: str | Path | None = None, box: int | None 
                     gen, scale = _train(tr_noisy, tr_clean, method, cfg, seed, (kind, eps))
                     rows.setdefault(method, []).append(image_metrics(_apply(gen, scale, te_noisy), te_clean))
             contamination[f"{kind} eps={eps:g}"] = {m: _summary(v) for m, v in rows.items()}
+        ablations = _tables_2_4(work, cfg) if cfg.get("table2") else {}
     result = {
         "quick": quick, "sizes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
         "structures": f"morph {MORPH[0]} -> {MORPH[1]}, {STEPS} conformations", "threads": torch.get_num_threads(),
@@ -193,7 +198,7 @@ def run(quick: bool = False, out_dir: str | Path | None = None, box: int | None 
         "metric_definition": "PSNR = 10 log10(peak^2 / MSE), SSIM with data_range = peak; peak = max - min of each "
                              "clean reference image; MSE in the clean images' units; mean (std) over seeds",
         "gan_config": dataclasses.asdict(GANConfig(gan_epochs=cfg["epochs"], g_widths=cfg["widths"], d_widths=cfg["widths"])),
-        "table1": table1, "contamination": contamination, "conformations": conformations,
+        "table1": table1, "contamination": contamination, **ablations, "conformations": conformations,
         "inference_images_per_s_64px": inference_speed(),
     }
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -205,6 +210,23 @@ def run(quick: bool = False, out_dir: str | Path | None = None, box: int | None 
         with atomic_path(out / "bench_gan.md") as p:
             p.write_text(result["markdown"] + "\n")
     return result
+
+
+def _tables_2_4(work: Path, cfg: dict) -> dict:
+    """Table 2 (the (alpha,beta) pairs) and Table 4 (lambda), SNR 0.1, over ``cfg["seeds"]``."""
+    snr = cfg["snrs"][0]
+    runs = {f"({a:g},{b:g})-GAN+l1": {"gan": "beta", "alpha": a, "beta": b} for a, b in ALPHA_BETA}
+    runs |= {f"lambda={lam:g}": {"gan": "beta", "alpha": 0.5, "beta": 0.5, "recon_weight": lam} for lam in LAMBDAS}
+    rows: dict[str, list[dict]] = {}
+    for seed in cfg["seeds"]:
+        tr_noisy, tr_clean, _ = _simulate(work, f"train_snr{snr:g}_{seed}", cfg["box"], cfg["n_train"], snr, 10 + seed, None)
+        te_noisy, te_clean, _ = _simulate(work, f"test_snr{snr:g}_{seed}", cfg["box"], cfg["n_test"], snr, 100 + seed, None)
+        for name, kw in progress(runs.items(), "bench gan tables 2/4"):
+            gen, scale = _train(tr_noisy, tr_clean, kw, cfg, seed)
+            rows.setdefault(name, []).append(image_metrics(_apply(gen, scale, te_noisy), te_clean))
+    summary = {k: _summary(v) for k, v in rows.items()}
+    return {"table2": {k: v for k, v in summary.items() if k.endswith("GAN+l1")},
+            "table4": {k: v for k, v in summary.items() if k.startswith("lambda")}}
 
 
 def _cell(s: dict, key: str, fmt: str) -> str:
@@ -220,6 +242,12 @@ def markdown(result: dict) -> str:
         cells = [" / ".join([_cell(result["table1"][s][m], "mse", ".4f"), _cell(result["table1"][s][m], "psnr_db", ".2f"),
                              _cell(result["table1"][s][m], "ssim", ".3f")]) for s in snrs]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for name in ("table2", "table4"):
+        if name in result:
+            lines += ["", f"{name.title().replace('e', 'e ', 1)} — MSE / PSNR dB / SSIM at SNR {result['sizes']['snrs'][0]}", "",
+                      "| setting | MSE | PSNR | SSIM |", "|---|---|---|---|"]
+            for k, v in result[name].items():
+                lines.append(f"| {k} | {_cell(v, 'mse', '.4f')} | {_cell(v, 'psnr_db', '.2f')} | {_cell(v, 'ssim', '.3f')} |")
     settings = list(result["contamination"])
     if settings:
         lines += ["", "Contamination — test MSE on clean pairs (mean (std))", "",

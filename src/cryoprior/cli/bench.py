@@ -9,6 +9,9 @@
             known-pose timing (10,000 64² particles; 2,000 with --quick) against
             core.projection.reconstruct and cryoDRGN's backproject_voxel when the cryodrgn
             command is installed (pip install cryodrgn; optional, GPL-3)
+  gan       the robust-GAN paper's experiments on a five-conformation adenylate kinase set:
+            MSE/PSNR/SSIM of NLM, low-pass, Wiener, l2/l1-AE and four GANs at SNR 0.1/0.05,
+            Huber contamination, Isomap + k-means of the conformations, inference speed
 
 example:
   cryoprior bench io --n 100000 --box 128 --out bench_io.json
