@@ -65,8 +65,8 @@ FULL = dict(box=64, n_train=4000, n_test=500, n_conf=60, epochs=30, seeds=(0, 1,
 #: Table 2: (alpha, beta) pairs of the (alpha,beta)-GAN + l1; Table 4: lambda of (.5,.5)-GAN + l1 (full bench only)
 ALPHA_BETA = [(0, 0), (1, 1), (0.5, 0.5), (-0.5, -0.5), (1, -1), (-1, 1), (0.5, -0.5), (-0.5, 0.5)]
 LAMBDAS = [0.1, 1.0, 10.0, 100.0, 1e4]
-QUICK = dict(box=32, n_train=300, n_test=100, n_conf=30, epochs=5, seeds=(0, 1), snrs=(0.1, 0.05),
-             contamination=[("A", 0.1), ("A", 0.3), ("C", 0.3)], contamination_seeds=(0,),
+QUICK = dict(box=32, n_train=300, n_test=100, n_conf=30, epochs=4, seeds=(0,), snrs=(0.1, 0.05),
+             contamination=[("A", 0.1), ("A", 0.3)], contamination_seeds=(0,),
              widths=[8, 16, 32], table2=False)
 #: a generator without residual blocks and one more level, for speed (--g-widths 8 16 32 64 --blocks-per-level 0)
 FAST_GENERATOR = dict(g_widths=[8, 16, 32, 64], blocks_per_level=0)
