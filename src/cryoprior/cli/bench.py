@@ -11,6 +11,9 @@
             known-pose timing (10,000 64² particles; 2,000 with --quick) against
             core.projection.reconstruct and cryoDRGN's backproject_voxel when the cryodrgn
             command is installed (pip install cryodrgn; optional, GPL-3)
+  gan       the robust-GAN paper's experiments on a five-conformation adenylate kinase set:
+            MSE/PSNR/SSIM of NLM, low-pass, Wiener, l2/l1-AE and four GANs at SNR 0.1/0.05,
+            Huber contamination, Isomap + k-means of the conformations, inference speed
 
 example:
   cryoprior bench startup
@@ -18,6 +21,7 @@ example:
   cryoprior bench simulate --n 10000 --box 128 --out bench_sim.json
   cryoprior bench cdae --quick --out bench_cdae.json
   cryoprior bench red --quick --out bench_red.json
+  cryoprior bench gan --quick --out bench_gan.json
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
     # cdae: --n = test images per view; tables (bench_cdae.md/.json) go to out_dir
     "cdae": ("cdae", {"n": 1000, "box": 64, "quick": False, "out_dir": "bench_cdae"},
              {"n": 150, "box": 64, "quick": True, "out_dir": "bench_cdae_quick"}),
+    # gan: --n = training pairs, --box the image size; tables (bench_gan.md/.json) go to out_dir
+    "gan": ("gan", {"quick": False, "out_dir": "bench_gan"}, {"quick": True, "out_dir": "bench_gan_quick"}),
 }
 
 

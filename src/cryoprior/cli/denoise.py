@@ -1,10 +1,14 @@
-"""Train a particle-image denoiser (CDAE, single DAE, DnCNN) or apply a trained one.
+"""Train a particle-image denoiser (CDAE, single DAE, DnCNN, robust GAN) or apply a trained one.
 
   train  --method cdae: pre-train a cascade of 3 denoising autoencoders on simulated SNR pairs
          (--pretrain, from `cryoprior simulate --snr-levels 0.1 0.4 0.6 inf`), then fine-tune
          it on --target towards k-NN means (no clean images needed);
          --method single-dae: one autoencoder, no pre-training (the paper's ablation);
          --method dncnn: DnCNN trained on the --pretrain pairs (SNR 0.1 -> clean), a baseline.
+         --method gan: robust GAN, a ResNet autoencoder + (alpha,beta)-GAN / WGAN-GP / no GAN
+         (--gan none: the lp autoencoder) + lambda * lp loss, trained on (noisy, reference) pairs
+         from --pairs SIM_DIR or from --reference-map MAP.mrc and --target's poses and CTF;
+         output in the references' intensity units.
          Writes RUN_DIR: model.pt, checkpoints/, config.yaml, losses.json/.png, metrics.json.
          --resume continues an interrupted run from its last checkpoints.
   apply  denoise a stack: OUT/denoised.mrcs and OUT/particles.star pointing at it; the images
@@ -16,6 +20,8 @@ example:
       --snr-levels 0.1 0.4 0.6 inf --out sim_pre
   cryoprior denoise train --method cdae --pretrain sim_pre --target particles.star --out run_cdae
   cryoprior denoise apply --model run_cdae particles.star --out denoised/
+  cryoprior denoise train --method gan --gan beta --alpha 0.5 --beta 0.5 --recon-loss l1 --lambda 10 \\
+      --reference-map run_class001.mrc --target particles.star --out run_gan
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from cryoprior.io.star import OpticsFlags
 from cryoprior.nn.cdae import CDAEConfig
 from cryoprior.nn.denoiser import PRECISIONS
 from cryoprior.nn.dncnn import SHARED_FIELDS, DnCNNConfig
+from cryoprior.nn.gan import GANConfig
 from cryoprior.nn.training import DEVICES
 from cryoprior.workflows import denoise as pipeline
 
@@ -48,6 +55,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(train.add_argument_group("CDAE / single DAE (and shared training flags)"), CDAEConfig)
     add_config_args(train.add_argument_group("DnCNN"), DnCNNConfig, skip=SHARED_FIELDS)
     add_config_args(train.add_argument_group("optics the target lacks"), OpticsFlags)
+    gan = train.add_argument_group("robust GAN (--method gan)")
+    gan.add_argument("--pairs", metavar="SIM_DIR", help="simulated folder of (noisy, clean) training pairs")
+    gan.add_argument("--reference-map", metavar="MAP.mrc", help="consensus map: references are its projections "
+                     "at the --target particles' poses with their CTF")
+    add_config_args(gan, GANConfig, skip=("seed",))
 
     apply = sub.add_parser("apply", help="denoise a particle stack with a trained model", formatter_class=fmt,
                            description=__doc__)
@@ -73,6 +85,7 @@ def main(args: argparse.Namespace) -> int:
             cdae=config_from_args(CDAEConfig, args), dncnn=config_from_args(DnCNNConfig, args),
             device=args.device, resume=args.resume, overwrite=args.overwrite,
             optics=config_from_args(OpticsFlags, args),
+            gan=config_from_args(GANConfig, args), pairs=args.pairs, reference_map=args.reference_map,
         )
         print(json.dumps(metrics, indent=2))
         print(f"wrote {args.out}/model.pt")

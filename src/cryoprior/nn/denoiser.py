@@ -27,6 +27,7 @@ from cryoprior.fileutil import atomic_path
 from cryoprior.nn.cdae_ops import as_images, histogram_equalize, normalize
 from cryoprior.nn.models.cdae import CDAECascade, ConvAEBlock
 from cryoprior.nn.models.dncnn import DnCNN
+from cryoprior.nn.models.resnet import ResNetAutoencoder, ResNetConfig
 from cryoprior.nn.training import resolve_device
 
 MODEL_FILE = "model.pt"
@@ -36,6 +37,7 @@ UNITS = ("input", "normalised")
 
 #: arch kind -> constructor
 ARCHS: dict[str, type[nn.Module]] = {"cdae": CDAECascade, "dae": ConvAEBlock, "dncnn": DnCNN}
+ARCHS["resnet-ae"] = lambda **kw: ResNetAutoencoder(ResNetConfig(**kw))  # the robust-GAN generator
 
 
 def build_model(arch: dict) -> nn.Module:
@@ -185,3 +187,23 @@ def denoise_images(
     moved = denoise_tensor(model, bumped, batch_size, device, "fp32")[:, 0]  # (n, d, d)
     div = (probe * (moved.double() - base.double())).sum(dim=(-2, -1)) / eps  # (n,)
     return to_input_units(y.double(), out.double(), div, sigma**2).float().numpy()
+
+
+def denoise_images_stack_scaled(
+    model: nn.Module,
+    images,
+    in_scale: tuple[float, float],
+    out_scale: tuple[float, float],
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> np.ndarray:
+    """Denoise images ``(n, d, d)`` with one scale per stack (the robust-GAN denoiser):
+    ``model((x − in_mean) / in_std) · out_std + out_mean``, float32 ``(n, d, d)`` in the units of
+    the references the model was trained on (``out_scale`` = their mean and std)."""
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32))
+    if x.dim() == 2:
+        x = x[None]
+    x = ((x - in_scale[0]) / in_scale[1])[:, None].contiguous()  # (n, 1, d, d)
+    y = denoise_tensor(model, x, batch_size, device, precision)[:, 0]
+    return (y * out_scale[1] + out_scale[0]).numpy()

@@ -63,6 +63,12 @@ class SimulationConfig:
         default_factory=lambda: ["1ake"],
         metadata={"flag": "--structure", "help": "PDB/mmCIF/MRC files or built-in ids; several = conformations"},
     )
+    morph: list[str] = field(
+        default_factory=list,
+        metadata={"nargs": 2, "help": "two models of one protein (A B): simulate --steps conformations "
+                  "interpolated between them (matched atoms, B superposed on A), instead of --structure"},
+    )
+    steps: int = field(default=5, metadata={"help": "conformations of --morph (cpConformationLabel 0..steps-1)"})
     box: int = field(default=64, metadata={"help": "image size in pixels"})
     pixel_size_a: float = field(default=2.0, metadata={"flag": "--pixel-size", "help": "Å/pixel"})
     n: int = field(default=4000, metadata={"help": "number of particles"})
@@ -93,8 +99,10 @@ class SimulationConfig:
     chunk: int = field(default=256, metadata={"cli": False})
 
     def validate(self) -> None:
-        if not self.structures:
+        if not self.structures and not self.morph:
             raise InputError("at least one structure is needed")
+        if self.morph and (len(self.morph) != 2 or self.steps < 2):
+            raise InputError(f"--morph needs two models and --steps >= 2, got {self.morph}, {self.steps}")
         if self.box < 8:
             raise InputError(f"box must be at least 8 pixels, got {self.box}")
         if self.pixel_size_a <= 0:
@@ -112,6 +120,24 @@ class SimulationConfig:
             raise InputError(f"epsilon must be in [0, 1], got {self.epsilon}")
         if self.ctf and not 0 < self.defocus_min_a <= self.defocus_max_a:
             raise InputError("defocus range must satisfy 0 < min <= max")
+
+    @property
+    def n_conformations(self) -> int:
+        return self.steps if self.morph else len(self.structures)
+
+    def volume_specs(self) -> list[str]:
+        """Names of the conformations' volumes (``volumes/<name>.mrc``)."""
+        if self.morph:
+            a, b = (Path(m).name.split(".")[0] for m in self.morph)
+            return [f"morph_{a}_{b}_{i}" for i in range(self.steps)]
+        return list(self.structures)
+
+    def load_volumes(self) -> list[torch.Tensor]:
+        if self.morph:
+            from cryoprior.sim.morph import morph_volumes
+
+            return morph_volumes(self.morph[0], self.morph[1], self.steps, self.box, self.pixel_size_a)
+        return [load_volume(s, self.box, self.pixel_size_a) for s in self.structures]
 
 
 def discrete_view_rotations(k: int, seed: int = 0) -> torch.Tensor:
@@ -162,7 +188,7 @@ def sample_poses(config: SimulationConfig, generator: torch.Generator) -> Poses:
             zero = torch.zeros_like(psi)
             rots = euler_to_matrix(zero, zero, psi) @ rots
         view = view_t.numpy().astype(np.int64)
-    conformation = torch.randint(len(config.structures), (n,), generator=generator).numpy()
+    conformation = torch.randint(config.n_conformations, (n,), generator=generator).numpy()
     origins = (torch.rand(n, 2, generator=generator, dtype=torch.float64) * 2 - 1) * config.shift_a
     defocus = None
     if config.ctf:
@@ -261,7 +287,7 @@ def simulate_dataset(config: SimulationConfig, out_dir: str | Path, overwrite: b
     out_dir = Path(out_dir)
     check_resources(config, out_dir)
     gen = torch.Generator().manual_seed(config.seed)
-    volumes = [load_volume(s, config.box, config.pixel_size_a) for s in config.structures]
+    volumes = config.load_volumes()
     poses = sample_poses(config, gen)
     levels = list(config.snr_levels)
     level_names = [_level_name(s) for s in levels]
@@ -271,7 +297,7 @@ def simulate_dataset(config: SimulationConfig, out_dir: str | Path, overwrite: b
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "volumes").mkdir()
         vol_names = []
-        for spec, vol in zip(config.structures, volumes):
+        for spec, vol in zip(config.volume_specs(), volumes):
             name = _volume_name(spec, vol_names)
             vol_names.append(name)
             write_map(tmp / "volumes" / name, vol, config.pixel_size_a)

@@ -25,13 +25,15 @@ from cryoprior.nn.cdae import CDAEConfig, train_cdae, train_single_dae
 from cryoprior.nn.cdae_ops import check_levels, histogram_equalize, psnr_normalised
 from cryoprior.nn.denoiser import denoise_images, load_model, read_model_file, resolved_precision
 from cryoprior.nn.dncnn import DnCNNConfig, train_dncnn
+from cryoprior.nn.gan import GANConfig
 from cryoprior.nn.training import resolve_device
 from cryoprior.progress import bar
+from cryoprior.workflows import denoise_gan
 from cryoprior.workflows.runs import RunDir, run_folder
 
 log = logging.getLogger(__name__)
 
-METHODS = ("cdae", "single-dae", "dncnn")
+METHODS = ("cdae", "single-dae", "dncnn", "gan")
 CLEAN_COLUMN = "cpCleanImageName"
 APPLY_CHUNK = 4096  # images per chunk streamed through the network
 
@@ -134,6 +136,9 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     optics: OpticsFlags | None = None,
+    gan: GANConfig | None = None,
+    pairs: str | Path | None = None,
+    reference_map: str | Path | None = None,
 ) -> dict:
     """Train ``method`` (cdae, single-dae, dncnn) into run folder ``out``; returns its metrics.
 
@@ -143,12 +148,33 @@ def train(
     """
     cdae, dncnn = cdae or CDAEConfig(), dncnn or DnCNNConfig()
     out = Path(out)
-    stack = _check_inputs(method, pretrain, target, cdae, dncnn, optics)
+    if method == "gan":  # robust GAN: pairs from a simulated folder or a map + poses
+        gan = gan or GANConfig()
+        gan_inputs = denoise_gan.prepare(pairs, reference_map, target, gan)
+        stack = None
+        inputs = [pairs, reference_map, target]
+    else:
+        stack = _check_inputs(method, pretrain, target, cdae, dncnn, optics)
+        inputs = [pretrain, target, *(stack.stack_paths if stack is not None else [])]
     dev = resolve_device(device)
-    inputs = [pretrain, target, *(stack.stack_paths if stack is not None else [])]
-    with run_folder(out, inputs):
-        _prepare_out(out, method, resume, overwrite, dncnn if method == "dncnn" else cdae)
+    with run_folder(out, [p for p in inputs if p is not None]):
+        _prepare_out(out, method, resume, overwrite, {"cdae": cdae, "single-dae": cdae, "dncnn": dncnn}.get(method, gan))
+        if method == "gan":
+            source = {"pairs": None if pairs is None else str(pairs), "reference_map": None if reference_map is None
+                      else str(reference_map), "target": None if target is None else str(target)}
+            return _train_gan(out, gan_inputs, gan, dev, source)
         return _train(method, out, stack, pretrain, target, cdae, dncnn, dev)
+
+
+def _train_gan(out: Path, gan_inputs, gan: GANConfig, dev, source: dict) -> dict:
+    run = RunDir(out)
+    run.attach_log()
+    try:
+        metrics = denoise_gan.train_run(*gan_inputs, gan, out, dev, source)
+        run.write_metrics(metrics)
+    finally:
+        run.close()
+    return metrics
 
 
 def _train(method, out: Path, stack, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNConfig, dev) -> dict:
@@ -211,12 +237,20 @@ def apply(
     return out
 
 
+
 def _apply(model, record, model_dir, stack, in_path, out, batch_size, equalize, precision, dev, overwrite,
            units: str) -> None:
+    cfg = record.get("config", {})
+    scaled = denoise_gan.SCALE_KEY in cfg  # per-stack scaling, output in the references' units
+    in_scale = denoise_gan.stack_scale_streamed(stack) if scaled else None
+
     def stream():
         with bar(len(stack), "denoise") as pbar:
             for start, chunk in stack.chunks(APPLY_CHUNK):
-                yield start, denoise_images(model, chunk, batch_size, dev, equalize, precision, units)
+                if scaled:
+                    yield start, denoise_gan.denoise_with(model, record, chunk, in_scale, batch_size, dev, precision)
+                else:
+                    yield start, denoise_images(model, chunk, batch_size, dev, equalize, precision, units)
                 pbar.update(len(chunk))
 
     with atomic_dir(out, overwrite=overwrite) as tmp:

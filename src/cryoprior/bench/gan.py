@@ -1,0 +1,263 @@
+"""``cryoprior bench gan``: the robust-GAN paper's experiments on a five-conformation set.
+
+Data: adenylate kinase morphed from closed (1AKE) to open (4AKE) in five steps
+(``sim.morph``); neither structure was used to choose any default of the GAN (nor of the 3D
+prior, ``nn.prior3d.HELD_OUT_STRUCTURES``). Training pairs (noisy, clean) and test images are
+separate simulations (different seeds, poses and noise): orientations uniform on SO(3), all five
+conformations, white noise at the given SNR. The learned methods are trained on simulated
+pairs of the same molecule, the paper's protocol; the classical baselines see only the test
+images.
+
+- Table 1: MSE / PSNR / SSIM against the clean test images, at SNR 0.1 and 0.05: NLM, low-pass,
+  Wiener, (BM3D when installed), ℓ2-AE, ℓ1-AE, (0,0)-GAN+ℓ1, WGAN-GP+ℓ1, (1,1)-GAN+ℓ1,
+  (.5,.5)-GAN+ℓ1; mean (std) over seeds. PSNR = 10 log10(peak² / MSE) and SSIM with
+  ``data_range`` = peak, where peak = max − min of each clean reference image (the paper's
+  definition); all in the clean images' intensity units.
+- Contamination (Huber, types A/B/C × ε): test MSE on clean held-out pairs of models trained
+  on contaminated pairs (``sim.contamination``).
+- Conformations: Isomap + k-means on the denoised images of a one-view test set of the five
+  conformations: accuracy for closed vs open (k = 2) and for all five (k = 5).
+- Speed: generator images/s at 64² (default architecture) against NLM in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryoprior import classical
+from cryoprior.classical.cluster import cluster
+from cryoprior.core.metrics import classification_scores, psnr, ssim
+from cryoprior.fileutil import atomic_path
+from cryoprior.nn.cdae_ops import normalize
+from cryoprior.nn.denoiser import denoise_images_stack_scaled
+from cryoprior.nn.gan import GANConfig, build_networks, fit_scaled, stack_scale
+from cryoprior.nn.gan_data import sim_pairs
+from cryoprior.nn.training import resolve_device
+from cryoprior.progress import progress
+from cryoprior.sim.contamination import contaminate_pairs
+from cryoprior.sim.dataset import SimulationConfig, simulate_dataset
+
+MORPH = ("1ake", "4ake")
+STEPS = 5
+PIXEL_SIZE_AT_32 = 3.0  # Å; 4AKE reaches ~37 Å from the centre
+METHODS: dict[str, dict] = {
+    "l2-AE": {"gan": "none", "recon_loss": "l2"},
+    "l1-AE": {"gan": "none", "recon_loss": "l1"},
+    "(0,0)-GAN+l1": {"gan": "beta", "alpha": 0.0, "beta": 0.0},
+    "WGAN-GP+l1": {"gan": "wgan-gp"},
+    "(1,1)-GAN+l1": {"gan": "beta", "alpha": 1.0, "beta": 1.0},
+    "(.5,.5)-GAN+l1": {"gan": "beta", "alpha": 0.5, "beta": 0.5},
+}
+CONTAMINATION_METHODS = ("l2-AE", "l1-AE", "WGAN-GP+l1", "(1,1)-GAN+l1", "(.5,.5)-GAN+l1")
+
+FULL = dict(box=64, n_train=4000, n_test=500, n_conf=60, epochs=30, seeds=(0, 1, 2), snrs=(0.1, 0.05),
+            contamination=[(k, e) for k in "ABC" for e in (0.1, 0.2, 0.3)], contamination_seeds=(0, 1, 2),
+            widths=[16, 32, 64], table2=True)
+#: Table 2: (alpha, beta) pairs of the (alpha,beta)-GAN + l1; Table 4: lambda of (.5,.5)-GAN + l1 (full bench only)
+ALPHA_BETA = [(0, 0), (1, 1), (0.5, 0.5), (-0.5, -0.5), (1, -1), (-1, 1), (0.5, -0.5), (-0.5, 0.5)]
+LAMBDAS = [0.1, 1.0, 10.0, 100.0, 1e4]
+QUICK = dict(box=32, n_train=300, n_test=100, n_conf=30, epochs=4, seeds=(0,), snrs=(0.1, 0.05),
+             contamination=[("A", 0.1), ("A", 0.3)], contamination_seeds=(0,),
+             widths=[8, 16, 32], table2=False)
+#: a generator without residual blocks and one more level, for speed (--g-widths 8 16 32 64 --blocks-per-level 0)
+FAST_GENERATOR = dict(g_widths=[8, 16, 32, 64], blocks_per_level=0)
+
+
+def _simulate(work: Path, name: str, box: int, n: int, snr: float, seed: int, views: int | None):
+    out = work / name
+    if not out.exists():
+        cfg = SimulationConfig(morph=list(MORPH), steps=STEPS, box=box, pixel_size_a=PIXEL_SIZE_AT_32 * 32 / box,
+                               n=n, views=views, snr=snr, seed=seed)
+        simulate_dataset(cfg, out)
+    return sim_pairs(out)
+
+
+def image_metrics(den: np.ndarray, clean: np.ndarray) -> dict:
+    """Mean MSE, PSNR and SSIM (peak = each clean image's max − min) over the images."""
+    d = torch.from_numpy(np.asarray(den, np.float32))
+    c = torch.from_numpy(np.asarray(clean, np.float32))
+    return {"mse": float(((d - c) ** 2).mean()), "psnr_db": float(psnr(d, c).mean()), "ssim": float(ssim(d, c).mean())}
+
+
+def _train(noisy, clean, method: str | dict, cfg: dict, seed: int, contamination=None):
+    kw = METHODS[method] if isinstance(method, str) else method
+    config = GANConfig(**kw, gan_epochs=cfg["epochs"], g_widths=list(cfg["widths"]),
+                       d_widths=list(cfg["widths"]), seed=seed)
+    y, x, _ = contaminate_pairs(noisy, clean, *(contamination or (None, 0.0)), seed=seed)
+    gen, curves, scale = fit_scaled(y, x, config, "cpu", desc=f"{method} seed {seed}")
+    return gen, scale
+
+
+def _apply(gen, scale, images) -> np.ndarray:
+    return denoise_images_stack_scaled(gen, images, stack_scale(images), (scale["out_mean"], scale["out_std"]))
+
+
+def _summary(values: list[dict]) -> dict:
+    out = {}
+    for key in values[0]:
+        arr = np.array([v[key] for v in values], dtype=np.float64)
+        out[key] = {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+    return out
+
+
+def _conformations(images: np.ndarray, labels: np.ndarray, seed: int) -> dict:
+    x = normalize(images)[:, 0].reshape(len(images), -1).numpy()
+    ends = np.isin(labels, (0, STEPS - 1))
+    two = cluster(x[ends], 2, "isomap-kmeans", seed=seed, n_neighbors=min(10, int(ends.sum()) - 1))
+    five = cluster(x, STEPS, "isomap-kmeans", seed=seed, n_neighbors=min(10, len(x) - 1))
+    a2 = classification_scores(labels[ends], two)["accuracy"]
+    a5 = classification_scores(labels, five)["accuracy"]
+    return {"open_closed_correct": int(round(a2 * ends.sum())), "open_closed_n": int(ends.sum()),
+            "open_closed_accuracy": a2, "five_accuracy": a5}
+
+
+def inference_speed(box: int = 64, n: int = 1024, n_nlm: int = 128) -> dict:
+    """Images/s of the default generator (``GANConfig()``) and of :data:`FAST_GENERATOR`, fp32 and
+    auto precision (bf16 where the CPU has it), and of NLM, best of 2."""
+    x = np.random.default_rng(0).standard_normal((n, box, box)).astype(np.float32)
+    out = {}
+    for name, kw in (("default", {}), ("fast", FAST_GENERATOR)):
+        gen, _ = build_networks(GANConfig(**kw))
+        for precision in ("fp32", "auto"):
+            denoise_images_stack_scaled(gen, x[:64], (0, 1), (0, 1), precision=precision)  # warm-up
+            best = math.inf
+            for _ in range(2):
+                t0 = time.perf_counter()
+                denoise_images_stack_scaled(gen, x, (0, 1), (0, 1), precision=precision)
+                best = min(best, time.perf_counter() - t0)
+            out[f"gan_{name}_{precision}"] = n / best
+    t0 = time.perf_counter()
+    classical.denoise(x[:n_nlm], "nlm")
+    out["nlm"] = n_nlm / (time.perf_counter() - t0)
+    out["ratio_gan_default_fp32_to_nlm"] = out["gan_default_fp32"] / out["nlm"]
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+def run(quick: bool = False, out_dir: str | Path | None = None, box: int | None = None, n: int | None = None,
+        device: str = "auto") -> dict:
+    """Run the bench (``quick``: small sizes); ``n`` overrides the number of training pairs."""
+    cfg = dict(QUICK if quick else FULL)
+    if box is not None:
+        cfg["box"] = box
+    if n is not None:
+        cfg["n_train"] = n
+    resolve_device(device)
+    t_start = time.perf_counter()
+    table1: dict = {}
+    contamination: dict = {}
+    conformations: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench_gan_") as tmp:
+        work = Path(tmp)
+        conf_noisy, conf_clean, conf_stack = _simulate(work, "conf", cfg["box"], cfg["n_conf"] * STEPS, 0.1, 999, 1)
+        conf_labels = conf_stack.column("cpConformationLabel").astype(np.int64)
+        conformations["clean (oracle)"] = _conformations(conf_clean, conf_labels, 0)
+        conformations["raw"] = _conformations(conf_noisy, conf_labels, 0)
+        for snr in cfg["snrs"]:
+            key = f"snr{snr:g}"
+            per_method: dict[str, list[dict]] = {}
+            for seed in progress(cfg["seeds"], f"bench gan {key}"):
+                tr_noisy, tr_clean, _ = _simulate(work, f"train_{key}_{seed}", cfg["box"], cfg["n_train"], snr, 10 + seed, None)
+                te_noisy, te_clean, _ = _simulate(work, f"test_{key}_{seed}", cfg["box"], cfg["n_test"], snr, 100 + seed, None)
+                per_method.setdefault("raw", []).append(image_metrics(te_noisy, te_clean))
+                for name in classical.available():
+                    per_method.setdefault(name, []).append(image_metrics(classical.denoise(te_noisy, name), te_clean))
+                for method in METHODS:
+                    gen, scale = _train(tr_noisy, tr_clean, method, cfg, seed)
+                    per_method.setdefault(method, []).append(image_metrics(_apply(gen, scale, te_noisy), te_clean))
+                    if snr == cfg["snrs"][0] and seed == cfg["seeds"][0]:
+                        conformations[method] = _conformations(_apply(gen, scale, conf_noisy), conf_labels, 0)
+                if seed == cfg["seeds"][0]:
+                    for name in ("nlm", "wiener"):
+                        if snr == cfg["snrs"][0]:
+                            conformations[name] = _conformations(classical.denoise(conf_noisy, name), conf_labels, 0)
+            table1[key] = {m: _summary(v) for m, v in per_method.items()}
+        snr = cfg["snrs"][0]
+        for kind, eps in progress(cfg["contamination"], "bench gan contamination"):
+            rows: dict[str, list[dict]] = {}
+            for seed in cfg["contamination_seeds"]:
+                tr_noisy, tr_clean, _ = _simulate(work, f"train_snr{snr:g}_{seed}", cfg["box"], cfg["n_train"], snr, 10 + seed, None)
+                te_noisy, te_clean, _ = _simulate(work, f"test_snr{snr:g}_{seed}", cfg["box"], cfg["n_test"], snr, 100 + seed, None)
+                for method in CONTAMINATION_METHODS:
+                    gen, scale = _train(tr_noisy, tr_clean, method, cfg, seed, (kind, eps))
+                    rows.setdefault(method, []).append(image_metrics(_apply(gen, scale, te_noisy), te_clean))
+            contamination[f"{kind} eps={eps:g}"] = {m: _summary(v) for m, v in rows.items()}
+        ablations = _tables_2_4(work, cfg) if cfg.get("table2") else {}
+    result = {
+        "quick": quick, "sizes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+        "structures": f"morph {MORPH[0]} -> {MORPH[1]}, {STEPS} conformations", "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "metric_definition": "PSNR = 10 log10(peak^2 / MSE), SSIM with data_range = peak; peak = max - min of each "
+                             "clean reference image; MSE in the clean images' units; mean (std) over seeds",
+        "gan_config": dataclasses.asdict(GANConfig(gan_epochs=cfg["epochs"], g_widths=cfg["widths"], d_widths=cfg["widths"])),
+        "table1": table1, "contamination": contamination, **ablations, "conformations": conformations,
+        "inference_images_per_s_64px": inference_speed(),
+    }
+    result["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    result["markdown"] = markdown(result)
+    if out_dir is not None:
+        out = Path(out_dir)
+        with atomic_path(out / "bench_gan.json") as p:
+            p.write_text(json.dumps(result, indent=2) + "\n")
+        with atomic_path(out / "bench_gan.md") as p:
+            p.write_text(result["markdown"] + "\n")
+    return result
+
+
+def _tables_2_4(work: Path, cfg: dict) -> dict:
+    """Table 2 (the (alpha,beta) pairs) and Table 4 (lambda), SNR 0.1, over ``cfg["seeds"]``."""
+    snr = cfg["snrs"][0]
+    runs = {f"({a:g},{b:g})-GAN+l1": {"gan": "beta", "alpha": a, "beta": b} for a, b in ALPHA_BETA}
+    runs |= {f"lambda={lam:g}": {"gan": "beta", "alpha": 0.5, "beta": 0.5, "recon_weight": lam} for lam in LAMBDAS}
+    rows: dict[str, list[dict]] = {}
+    for seed in cfg["seeds"]:
+        tr_noisy, tr_clean, _ = _simulate(work, f"train_snr{snr:g}_{seed}", cfg["box"], cfg["n_train"], snr, 10 + seed, None)
+        te_noisy, te_clean, _ = _simulate(work, f"test_snr{snr:g}_{seed}", cfg["box"], cfg["n_test"], snr, 100 + seed, None)
+        for name, kw in progress(runs.items(), "bench gan tables 2/4"):
+            gen, scale = _train(tr_noisy, tr_clean, kw, cfg, seed)
+            rows.setdefault(name, []).append(image_metrics(_apply(gen, scale, te_noisy), te_clean))
+    summary = {k: _summary(v) for k, v in rows.items()}
+    return {"table2": {k: v for k, v in summary.items() if k.endswith("GAN+l1")},
+            "table4": {k: v for k, v in summary.items() if k.startswith("lambda")}}
+
+
+def _cell(s: dict, key: str, fmt: str) -> str:
+    return f"{s[key]['mean']:{fmt}} ({s[key]['std']:{fmt}})"
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Robust GAN bench ({'quick' if result['quick'] else 'full'}): {result['structures']}; "
+             f"{result['metric_definition']}.", ""]
+    snrs = list(result["table1"])
+    lines += ["Table 1 — MSE / PSNR dB / SSIM", "", "| method | " + " | ".join(snrs) + " |", "|---|" + "---|" * len(snrs)]
+    for m in result["table1"][snrs[0]]:
+        cells = [" / ".join([_cell(result["table1"][s][m], "mse", ".4f"), _cell(result["table1"][s][m], "psnr_db", ".2f"),
+                             _cell(result["table1"][s][m], "ssim", ".3f")]) for s in snrs]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for name in ("table2", "table4"):
+        if name in result:
+            lines += ["", f"{name.title().replace('e', 'e ', 1)} — MSE / PSNR dB / SSIM at SNR {result['sizes']['snrs'][0]}", "",
+                      "| setting | MSE | PSNR | SSIM |", "|---|---|---|---|"]
+            for k, v in result[name].items():
+                lines.append(f"| {k} | {_cell(v, 'mse', '.4f')} | {_cell(v, 'psnr_db', '.2f')} | {_cell(v, 'ssim', '.3f')} |")
+    settings = list(result["contamination"])
+    if settings:
+        lines += ["", "Contamination — test MSE on clean pairs (mean (std))", "",
+                  "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+        for m in result["contamination"][settings[0]]:
+            lines.append(f"| {m} | " + " | ".join(_cell(result["contamination"][s][m], "mse", ".4f") for s in settings) + " |")
+    lines += ["", "Conformations — Isomap + k-means", "", "| images | open/closed correct | five-state accuracy |", "|---|---|---|"]
+    for m, c in result["conformations"].items():
+        lines.append(f"| {m} | {c['open_closed_correct']}/{c['open_closed_n']} | {c['five_accuracy']:.3f} |")
+    speed = result["inference_images_per_s_64px"]
+    lines += ["", "Inference at 64² (images/s): " + ", ".join(f"{k} {v}" for k, v in speed.items()),
+              "", f"total {result['total_seconds']} s, {result['threads']} threads"]
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Robust-GAN training and the `denoise --method gan` commands: denoising, resume, references from a
+map and poses, output units, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cryoprior.cli.main import main
+from cryoprior.io.mrc import write_map, write_mrcs
+from cryoprior.io.stack import ParticleStack
+from cryoprior.io.star import read_star, write_star
+from cryoprior.nn.gan import GANConfig, stack_scale, train_gan
+from cryoprior.nn.gan_data import map_pairs, sim_pairs
+from cryoprior.nn.training import load_checkpoint
+from cryoprior.sim.dataset import SimulationConfig, simulate_dataset
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+SMALL = ["--g-widths", "8", "16", "--d-widths", "8", "16", "--gan-batch-size", "10", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    """Training pairs and a separate target, 1hvr, 4 views, SNR 0.1, 32 px; and a CTF + shift +
+    uniform-orientation stack of 1ake for the map protocol."""
+    root = tmp_path_factory.mktemp("gan")
+    base = dict(structures=["1hvr"], box=32, pixel_size_a=2.5, views=4, snr=0.1)
+    simulate_dataset(SimulationConfig(**base, n=240, seed=1), root / "pairs")
+    simulate_dataset(SimulationConfig(**base, n=60, seed=2), root / "target")
+    simulate_dataset(SimulationConfig(structures=["1ake"], box=32, pixel_size_a=2.5, n=40, views=None, ctf=True,
+                                      shift_a=4.0, snr=0.1, seed=3), root / "ctf")
+    return root
+
+
+def _run(argv, capsys):
+    rc = main(["--quiet", *argv])
+    return rc, capsys.readouterr().err
+
+
+def test_reference_projection_equals_the_simulators_clean_image(sim):
+    _, clean, _ = sim_pairs(sim / "ctf")
+    _, refs, stack = map_pairs(sim / "ctf" / "particles.star", sim / "ctf" / "volumes" / "1ake.mrc")
+    assert stack.has_column("rlnDefocusU") and np.abs(stack.column("rlnOriginXAngst")).max() > 1
+    assert np.abs(clean).max() > 0.1
+    np.testing.assert_allclose(refs, clean, atol=1e-4 * np.abs(clean).max())
+
+
+def _tensor_pairs(sim, n=120):
+    noisy, clean, _ = sim_pairs(sim / "pairs")
+    m1, s1 = stack_scale(noisy[:n])
+    m2, s2 = stack_scale(clean[:n])
+    y = torch.from_numpy((noisy[:n] - m1) / s1)[:, None]
+    x = torch.from_numpy((clean[:n] - m2) / s2)[:, None]
+    return y, x
+
+
+@pytest.mark.parametrize("gan", ["beta", "wgan-gp"])
+def test_resume_equals_an_uninterrupted_run(sim, tmp_path, gan):
+    y, x = _tensor_pairs(sim, 60)
+    cfg = GANConfig(gan=gan, gan_epochs=2, gan_batch_size=10, g_widths=[8, 16], d_widths=[8, 16], seed=3)
+    g_full, d_full, _ = train_gan(y, x, cfg)
+    ckpt = tmp_path / "ck.pt"
+    train_gan(y, x, GANConfig(**{**cfg.__dict__, "gan_epochs": 1}), checkpoint=ckpt)
+    assert load_checkpoint(ckpt)["epoch"] == 1
+    g_res, d_res, _ = train_gan(y, x, cfg, checkpoint=ckpt)
+    for a, b in [(g_full, g_res), (d_full, d_res)]:
+        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
+    # the two runs did train: weights moved away from the initialisation
+    g_init, _, _ = train_gan(y, x, GANConfig(**{**cfg.__dict__, "gan_epochs": 0}))
+    assert not torch.equal(next(iter(g_init.parameters())), next(iter(g_full.parameters())))
+
+
+def test_train_apply_denoises_in_reference_units(sim, tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "den"
+    target = sim / "target" / "particles.star"
+    rc, err = _run(["denoise", "train", "--method", "gan", "--pairs", str(sim / "pairs"), "--target", str(target),
+                    "--out", str(run), "--gan-epochs", "6", *SMALL], capsys)
+    assert rc == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    curves = json.loads((run / "losses.json").read_text())
+    assert set(curves) == {"generator", "recon", "discriminator"} and len(curves["generator"]) == 6
+    assert metrics["held_out"]["psnr_db"] > metrics["held_out"]["psnr_input_db"] + 10
+    assert metrics["target"]["psnr_db"] > metrics["target"]["psnr_input_db"] + 10
+    rc, err = _run(["denoise", "apply", "--model", str(run), str(target), "--out", str(out), "--device", "cpu"], capsys)
+    assert rc == 0, err
+    stack = ParticleStack.from_file(out / "particles.star")
+    den, clean = stack.images(), stack.read_image_column("cpCleanImageName")
+    # the references' intensity units (not per-image normalised): same scale as the clean images
+    ratio = den.std(axis=(1, 2)).mean() / clean.std(axis=(1, 2)).mean()
+    assert 0.6 < ratio < 1.4, ratio
+    assert abs(den.mean() - clean.mean()) < 0.2 * clean.std()
+    assert ((den - clean) ** 2).mean() < 0.3 * clean.var()
+
+
+def test_ae_baseline_and_map_protocol(sim, tmp_path, capsys):
+    run = tmp_path / "ae"
+    rc, err = _run(["denoise", "train", "--method", "gan", "--gan", "none", "--recon-loss", "l2",
+                    "--reference-map", str(sim / "ctf" / "volumes" / "1ake.mrc"),
+                    "--target", str(sim / "ctf" / "particles.star"), "--out", str(run), "--gan-epochs", "1",
+                    "--val-fraction", "0.25", *SMALL], capsys)
+    assert rc == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["label"] == "l2-AE" and metrics["held_out"]["n_images"] == 10
+    assert "discriminator" not in json.loads((run / "losses.json").read_text())
+
+
+def _broken_star(src, dst, drop=(), nan=False):
+    table, optics = read_star(src / "particles.star")
+    table = table.drop(columns=list(drop))
+    if nan:
+        images = ParticleStack.from_file(src / "particles.star").images()
+        images[3, 5, 5] = np.nan
+        dst.mkdir()
+        write_mrcs(dst / "p.mrcs", images, 2.5)
+        table["rlnImageName"] = [f"{i + 1:06d}@p.mrcs" for i in range(len(table))]
+        table = table.drop(columns=["cpCleanImageName"])
+    else:
+        dst.mkdir()
+        table["rlnImageName"] = [f"{n.split('@')[0]}@{src / n.split('@')[1]}" for n in table["rlnImageName"]]
+    write_star(dst / "particles.star", pd.DataFrame(table), optics)
+    return dst / "particles.star"
+
+
+def test_bad_inputs_one_line_errors_and_no_output(sim, tmp_path, capsys):
+    vol = sim / "ctf" / "volumes" / "1ake.mrc"
+    star = sim / "ctf" / "particles.star"
+    cases = {
+        "poses": (["--reference-map", str(vol), "--target", str(_broken_star(sim / "ctf", tmp_path / "np", drop=["rlnAngleTilt"]))], "rlnAngleTilt"),
+        "ctf": (["--reference-map", str(vol), "--target", str(_broken_star(sim / "ctf", tmp_path / "nc", drop=["rlnDefocusU"]))], "rlnDefocusU"),
+        "nan": (["--reference-map", str(vol), "--target", str(_broken_star(sim / "ctf", tmp_path / "nan", nan=True))], "NaN"),
+        "both": (["--reference-map", str(vol), "--pairs", str(sim / "pairs"), "--target", str(star)], "exactly one"),
+    }
+    small = torch.zeros(16, 16, 16).numpy()
+    write_map(tmp_path / "box16.mrc", small, 2.5)
+    write_map(tmp_path / "px3.mrc", torch.zeros(32, 32, 32).numpy(), 3.0)
+    cases["box"] = (["--reference-map", str(tmp_path / "box16.mrc"), "--target", str(star)], "box 16")
+    cases["pixel"] = (["--reference-map", str(tmp_path / "px3.mrc"), "--target", str(star)], "pixel size 3")
+    for name, (args, needle) in cases.items():
+        out = tmp_path / f"out_{name}"
+        rc, err = _run(["denoise", "train", "--method", "gan", *args, "--out", str(out), *SMALL], capsys)
+        lines = [ln for ln in err.strip().splitlines() if ln]
+        assert rc == 2 and len(lines) == 1 and needle in lines[0], (name, err)
+        assert not out.exists(), name
