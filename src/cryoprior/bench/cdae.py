@@ -36,7 +36,7 @@ from cryoprior.classical.cluster import cluster
 from cryoprior.core.metrics import classification_scores, psnr
 from cryoprior.fileutil import atomic_path
 from cryoprior.io.stack import ParticleStack
-from cryoprior.nn.cdae import CDAEConfig, finetune_cascade, pretrain_cascade, single_dae
+from cryoprior.nn.cdae import CDAEConfig, finetune_cascade, pretrain_cascade, single_dae, with_depth
 from cryoprior.nn.cdae_ops import histogram_equalize, load_levels, normalize, psnr_normalised
 from cryoprior.nn.denoiser import denoise_images
 from cryoprior.nn.dncnn import DnCNNConfig, fit_dncnn
@@ -209,6 +209,8 @@ def run(
         pre = work / "pretrain"
         _simulate(PRETRAIN, VIEWS * n_pretrain, box, 0.1, False, seed + 1, pre, levels=cfg.pretrain_snrs)
         levels = load_levels(pre, cfg.pretrain_snrs)
+        # depth from the pre-training structure's size (the test structures are of similar size)
+        cfg = with_depth(cfg, levels[0][:, 0])
         t0 = time.perf_counter()
         cascade, curves = pretrain_cascade(levels, cfg, dev)
         pretrain_s = time.perf_counter() - t0

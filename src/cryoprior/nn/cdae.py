@@ -33,6 +33,7 @@ input images themselves. Every image is normalised to zero mean and unit varianc
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -46,11 +47,14 @@ from cryoprior.io.stack import ParticleStack
 from cryoprior.nn.cdae_ops import (
     KNN_METRICS,
     as_images,
+    estimate_particle_diameter_px,
     histogram_equalize,
     knn_mean_targets,
     load_levels,
+    modules_for_diameter,
     normalize,
     psnr_normalised,
+    receptive_field_px,
 )
 from cryoprior.nn.denoiser import (
     PRECISIONS,
@@ -92,10 +96,15 @@ __all__ = [
 class CDAEConfig:
     """Architecture, pre-training and fine-tuning of CDAE (and of the single-DAE ablation)."""
 
-    widths: list[int] = field(
-        default_factory=lambda: [8, 16],
-        metadata={"help": "channels of the encoder modules, one pooling each (paper: 32 64 128, three "
-                          "modules; they learn the pre-training views as templates, see the module notes)"},
+    widths: list[int] | None = field(
+        default=None,
+        metadata={"help": "channels of the encoder modules, one pooling each (paper: 32 64 128); None: as "
+                          "many modules of 8, 16, 32, ... channels as keep the receptive field within half "
+                          "the particle diameter (more learn the pre-training views as templates)"},
+    )
+    particle_diameter_a: float | None = field(
+        default=None, metadata={"help": "particle diameter (Å) that sets the depth when --widths is not "
+                                        "given; None: estimated from the target stack's variance profile"},
     )
     convs_per_module: int = field(default=2, metadata={"help": "3x3 convolutions per encoder module"})
     dropout: float = field(
@@ -152,8 +161,10 @@ class CDAEConfig:
             raise InputError(f"pretrain_snrs needs at least 2 levels, got {self.pretrain_snrs}")
         if any(not s > 0 for s in self.pretrain_snrs):
             raise InputError(f"pretrain_snrs must be positive (inf = clean), got {self.pretrain_snrs}")
-        if not self.widths or min(self.widths) < 1:
+        if self.widths is not None and (not self.widths or min(self.widths) < 1):
             raise InputError(f"widths must be positive, got {self.widths}")
+        if self.particle_diameter_a is not None and not self.particle_diameter_a > 0:
+            raise InputError(f"particle_diameter_a must be positive, got {self.particle_diameter_a}")
         if not 0 <= self.dropout < 1:
             raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.knn_rounds < 1 or self.knn_k < 1 or self.batch_size < 1 or self.batch_size_inference < 1:
@@ -179,6 +190,8 @@ class CDAEConfig:
         return len(self.pretrain_snrs) - 1
 
     def block_arch(self) -> dict:
+        if self.widths is None:
+            raise ValueError("CDAEConfig.widths is unresolved: call with_depth(config, images) first")
         return {"widths": list(self.widths), "convs_per_module": self.convs_per_module, "dropout": self.dropout}
 
     def fit_kwargs(self, device, finetune: bool = False) -> dict:
@@ -186,6 +199,24 @@ class CDAEConfig:
             "batch_size": self.batch_size, "lr": self.finetune_lr if finetune else self.lr,
             "optimizer": self.optimizer, "seed": self.seed, "device": device,
         }
+
+
+def with_depth(config: CDAEConfig, images, pixel_size_a: float | None = None) -> CDAEConfig:
+    """``config`` with ``widths`` set from the particle diameter when it is None: ``8 · 2**i`` channels
+    for the number of modules :func:`~cryoprior.nn.cdae_ops.modules_for_diameter` allows, the
+    diameter from ``particle_diameter_a`` (needs ``pixel_size_a``) or estimated from ``images``
+    ``(n, d, d)``. A config with widths is returned unchanged."""
+    if config.widths is not None:
+        return config
+    if config.particle_diameter_a is not None and pixel_size_a:
+        diameter_px, source = config.particle_diameter_a / pixel_size_a, f"{config.particle_diameter_a:g} Å"
+    else:
+        diameter_px, source = estimate_particle_diameter_px(images), "estimated from the stack"
+    modules = modules_for_diameter(diameter_px, config.convs_per_module)
+    widths = [8 * 2**i for i in range(modules)]
+    log.info("CDAE depth: particle diameter %.0f px (%s) -> %d encoder modules, widths %s, receptive "
+             "field %d px", diameter_px, source, modules, widths, receptive_field_px(modules, config.convs_per_module))
+    return dataclasses.replace(config, widths=widths)
 
 
 def _seeded(fn, seed: int):
@@ -219,6 +250,7 @@ def pretrain_cascade(
         levels = load_levels(levels, config.pretrain_snrs)
     if len(levels) != config.n_blocks + 1:
         raise ValueError(f"{len(levels)} SNR levels for {config.n_blocks} blocks")
+    config = with_depth(config, levels[0][:, 0])  # widths None: from the particle size
     cascade = new_cascade(config)
     ckdir = None if checkpoint_dir is None else Path(checkpoint_dir)
     curves = {}
@@ -284,6 +316,7 @@ def single_dae(
     """The ablation: one block, random initialisation, trained on ``images`` ``(n, d, d)``
     towards the k-NN means of the (normalised) input images."""
     config.validate()
+    config = with_depth(config, images)
     x = normalize(images)  # (n, 1, d, d)
     block = _seeded(lambda: ConvAEBlock(**config.block_arch()), config.seed)
     ckpt = None if checkpoint is None else Path(checkpoint)
@@ -322,6 +355,7 @@ def train_cdae(
     config.validate()
     out_dir = Path(out_dir)
     images = _target_images(target_stack)
+    config = with_depth(config, images, getattr(target_stack, "pixel_size_a", None))
     levels = load_levels(pretrain_dir, config.pretrain_snrs)
     if levels[0].shape[-2:] != images.shape[-2:]:
         raise InputError(
@@ -348,6 +382,7 @@ def train_single_dae(
     config.validate()
     out_dir = Path(out_dir)
     images = _target_images(target_stack)
+    config = with_depth(config, images, getattr(target_stack, "pixel_size_a", None))
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     write_run_config(out_dir / "config.yaml", config, method="single-dae")
     block, losses = single_dae(images, config, device, out_dir / "checkpoints" / "single_dae.pt")

@@ -167,3 +167,50 @@ def psnr_normalised(images, clean) -> np.ndarray:
     if x.shape != ref.shape:
         raise ValueError(f"shapes differ: images {tuple(x.shape)} vs clean {tuple(ref.shape)}")
     return psnr(x, ref).numpy()
+
+
+# ------------------------------------------------------------------------ depth from particle size
+def receptive_field_px(modules: int, convs_per_module: int = 2, kernel_size: int = 3) -> int:
+    """Receptive field (px) of a :class:`~cryoprior.nn.models.cdae.ConvAEBlock` with ``modules``
+    encoder modules: each 3×3 convolution adds ``(k − 1) · jump``, each 2×2 pooling ``jump`` and
+    doubles the jump; the 2×2 stride-2 transposed convolutions add nothing and the final
+    convolution adds ``k − 1``. Two modules: 18 px; three: 38 px."""
+    r, jump = 1, 1
+    for _ in range(modules):
+        r += convs_per_module * (kernel_size - 1) * jump + jump
+        jump *= 2
+    return r + kernel_size - 1
+
+
+def modules_for_diameter(diameter_px: float, convs_per_module: int = 2, max_modules: int = 4) -> int:
+    """The most encoder modules whose receptive field stays within half the particle diameter
+    (at least one): a block that sees most of the particle learns the pre-training views as
+    templates (docs/benchmarks.md, CDAE). 36–50 px particles → 2 modules, as measured best."""
+    m = 1
+    while m < max_modules and receptive_field_px(m + 1, convs_per_module) <= 0.5 * diameter_px:
+        m += 1
+    return m
+
+
+def estimate_particle_diameter_px(images, fraction: float = 0.1) -> float:
+    """Particle diameter (px) of a stack ``(n, d, d)``: twice the radius where the excess of the
+    per-pixel variance across images (signal; the noise is flat) over its background level (pixels
+    beyond 0.45 d) falls below ``fraction`` of its peak, from the radial average. Centred particles
+    are assumed (shifts of a few pixels widen the estimate by as much)."""
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32))  # (n, d, d)
+    d = x.shape[-1]
+    var = x.double().var(dim=0)  # (d, d)
+    c = torch.arange(d, dtype=torch.float64) - d // 2
+    r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
+    background = var[r > 0.45 * d].median()
+    shells = r.round().long()
+    prof = torch.zeros(int(shells.max()) + 1, dtype=torch.float64).index_add_(0, shells.flatten(), var.flatten())
+    prof /= torch.bincount(shells.flatten(), minlength=len(prof)).clamp(min=1)
+    excess = (prof - background)[: d // 2]
+    peak = float(excess.max())
+    if not peak > 0:
+        return float(d)
+    below = torch.nonzero(excess < fraction * peak).flatten()
+    below = below[below > int(torch.argmax(excess))]
+    radius = float(below[0]) if len(below) else d / 2
+    return 2.0 * radius

@@ -97,7 +97,9 @@ def _prepare_out(out: Path, method: str, resume: bool, overwrite: bool, config) 
     if record.get("method") != method:
         raise InputError(f"holds a {record.get('method')} run, not {method}; cannot resume", out)
     old, new = record.get("config", {}), config_to_dict(config)
-    diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_FIELDS and old.get(k) != new.get(k))
+    # a field left None (auto, e.g. CDAE's widths) resumes with what the run resolved it to
+    diff = sorted(k for k in set(old) | set(new)
+                  if k not in RESUMABLE_FIELDS and new.get(k) is not None and old.get(k) != new.get(k))
     if diff:
         listing = ", ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in diff)
         raise InputError(f"cannot resume: the run was started with another config ({listing})", out)
