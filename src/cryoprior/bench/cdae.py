@@ -21,7 +21,6 @@ Speed: CDAE inference images/s at the test size, against DnCNN and the un-optimi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import platform
 import tempfile
@@ -32,9 +31,9 @@ import numpy as np
 import torch
 
 from cryoprior import classical as baselines
+from cryoprior.bench.common import write_result
 from cryoprior.classical.cluster import cluster
 from cryoprior.core.metrics import classification_scores, psnr
-from cryoprior.fileutil import atomic_path
 from cryoprior.io.stack import ParticleStack
 from cryoprior.nn.cdae import CDAEConfig, finetune_cascade, pretrain_cascade, single_dae, with_depth
 from cryoprior.nn.cdae_ops import histogram_equalize, load_levels, normalize, psnr_normalised
@@ -237,10 +236,5 @@ def run(
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     result["markdown"] = markdown(result)
-    if out_dir is not None:
-        out = Path(out_dir)
-        with atomic_path(out / "bench_cdae.json") as tmp_path:
-            tmp_path.write_text(json.dumps(result, indent=2) + "\n")
-        with atomic_path(out / "bench_cdae.md") as tmp_path:
-            tmp_path.write_text(result["markdown"] + "\n")
+    write_result(out_dir, "bench_cdae", result)
     return result

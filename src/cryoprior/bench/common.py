@@ -3,6 +3,7 @@ and map scores against the truth (FSC resolutions, alignment of hand/sign/shift)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from cryoprior.core.filters import soft_sphere_mask
 from cryoprior.core.fsc import fsc, resolution_at
+from cryoprior.fileutil import atomic_path
 from cryoprior.io.mrc import read_map
 from cryoprior.sim.dataset import SimulationConfig, simulate_dataset
 from cryoprior.sim.structures import list_builtin_structures, max_radius_a, resolve_structure
@@ -84,3 +86,15 @@ def align_to_truth(volume: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Ten
 def read_truth(folder: Path) -> tuple[torch.Tensor, float]:
     vol, pixel = read_map(next((folder / "volumes").glob("*.mrc")))
     return torch.from_numpy(vol), pixel
+
+
+def write_result(out_dir: str | Path | None, name: str, result: dict) -> None:
+    """Write ``out_dir/<name>.json`` (the whole result) and ``out_dir/<name>.md`` (its
+    ``"markdown"``), each atomically; nothing when ``out_dir`` is None."""
+    if out_dir is None:
+        return
+    out = Path(out_dir)
+    with atomic_path(out / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_path(out / f"{name}.md") as tmp:
+        tmp.write_text(result["markdown"] + "\n")

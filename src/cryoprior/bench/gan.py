@@ -23,7 +23,6 @@ images.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import platform
 import tempfile
@@ -34,9 +33,9 @@ import numpy as np
 import torch
 
 from cryoprior import classical
+from cryoprior.bench.common import write_result
 from cryoprior.classical.cluster import cluster
 from cryoprior.core.metrics import classification_scores, psnr, ssim
-from cryoprior.fileutil import atomic_path
 from cryoprior.nn.cdae_ops import normalize
 from cryoprior.nn.denoiser import denoise_images_stack_scaled
 from cryoprior.nn.gan import GANConfig, build_networks, fit_scaled, stack_scale
@@ -203,12 +202,7 @@ def run(quick: bool = False, out_dir: str | Path | None = None, box: int | None 
     }
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)
     result["markdown"] = markdown(result)
-    if out_dir is not None:
-        out = Path(out_dir)
-        with atomic_path(out / "bench_gan.json") as p:
-            p.write_text(json.dumps(result, indent=2) + "\n")
-        with atomic_path(out / "bench_gan.md") as p:
-            p.write_text(result["markdown"] + "\n")
+    write_result(out_dir, "bench_gan", result)
     return result
 
 
