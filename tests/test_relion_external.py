@@ -9,7 +9,6 @@ import mrcfile
 import numpy as np
 import pytest
 import torch
-
 from relion_reference import relion_round, soft_mask_outside_map
 
 from cryoprior.cli.main import main

@@ -44,10 +44,9 @@ falls below that of B / K near 0.143. Resolution is read from the unregularised 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import math
 
 import torch
 
