@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from test_relion_external import PAD, D, _freqs, _smooth_volume, symmetric_weight, write_relion_job
 
+from cryoprior.bench.common import read_truth
 from cryoprior.bench.relion import (
     external_command,
     prepare_stack,
@@ -20,7 +21,6 @@ from cryoprior.bench.relion import (
     run_auto_refine,
     truth_scores,
 )
-from cryoprior.bench.common import read_truth
 
 
 def _relion_tau2(weight, fsc, fudge, current_size, whole=False):
