@@ -5,7 +5,11 @@ import pytest
 import torch
 
 from cryoprior.nn.cdae import CDAEConfig, with_depth
-from cryoprior.nn.cdae_ops import estimate_particle_diameter_px, modules_for_diameter, receptive_field_px
+from cryoprior.nn.cdae_ops import (
+    estimate_particle_diameter_px,
+    modules_for_diameter,
+    receptive_field_px,
+)
 from cryoprior.nn.models.cdae import ConvAEBlock
 
 

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,11 +72,104 @@ def test_map_update_infinite_tau2_is_b_over_k():
 def test_tau2_from_known_fsc():
     f = torch.tensor([1.0, 0.5, 0.2, 0.0])
     k = torch.tensor([2.0, 2.0, 4.0, 1.0])
-    tau2 = tau2_from_fsc(f, k, fudge=2.0)
-    expected = [2 * 0.999 / 0.001 / 2, 2 * 1.0 / 2, 2 * 0.25 / 4, 2 * (0.001 / 0.999) / 1]
+    tau2 = tau2_from_fsc(f, k, fudge=2.0)  # T² = 4: RELION applies T twice
+    expected = [4 * 0.999 / 0.001 / 2, 4 * 1.0 / 2, 4 * 0.25 / 4, 4 * (0.001 / 0.999) / 1]
     assert torch.allclose(tau2, torch.tensor(expected, dtype=torch.float64))
     assert tau2_from_fsc(f, torch.tensor([2.0, 0.0, 1.0, 1.0]))[1] == 0  # no data: prior only
     assert torch.allclose(full_set_fsc(torch.tensor([0.5, 0.0, -0.2])), torch.tensor([2 / 3, 0.0, 0.0]))
+    relion = full_set_fsc(torch.tensor([0.5, 0.0, -0.2]), "relion")  # sqrt(2f / (1 + f)), f >= 0.001
+    assert torch.allclose(relion, torch.tensor([math.sqrt(2 / 3), math.sqrt(0.002 / 1.001), math.sqrt(0.002 / 1.001)]))
+    with pytest.raises(ValueError):
+        full_set_fsc(f, "sqrt")
+
+
+def _relion_parity_acc(box, pad, seed):
+    """Random positive K and complex B on the centred padded grid (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    n = box * pad
+    k = torch.rand(n, n, n, generator=g, dtype=torch.float64) * 2 + 0.1
+    b = torch.complex(torch.randn(n, n, n, generator=g, dtype=torch.float64), torch.randn(n, n, n, generator=g, dtype=torch.float64))
+    return Accumulator(b * k, k, box, pad)
+
+
+@pytest.mark.parametrize("fudge", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("whole", [False, True])
+def test_map_weight_matches_relion_formula(fudge, whole):
+    """The regularised weight against a numpy transcription of RELION 3.1.3 (updateSSNRarrays +
+    reconstruct, tests/relion_reference.py): T applied twice, RELION's sqrt full-set FSC,
+    minres_map 5, r_max, RELION's shell rounding; the τ² we report ÷ (pad³ T) is RELION's τ²."""
+    from relion_reference import relion_map_weight
+
+    box, pad, current_size = 16, 2, 14
+    acc = _relion_parity_acc(box, pad, 3)
+    fsc_curve = torch.tensor([1.0, 0.99, 0.97, 0.9, 0.85, 0.7, 0.5, 0.3, 0.143], dtype=torch.float64)
+    cfg = ReconstructionConfig(tau2_fudge=fudge, full_set_fsc="relion", minres_map=5, soft_mask_corners=False)
+    out = map_reconstruct(acc, fsc_curve, 2.0, cfg, full_set=whole, r_max=current_size / 2)
+    w_relion, tau2_relion = relion_map_weight(
+        acc.weight.numpy(), fsc_curve.numpy(), pad, current_size / 2, fudge, whole=whole, minres_map=5
+    )
+    n = box * pad
+    c = torch.arange(n, dtype=torch.float64) - n // 2
+    r2 = c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2
+    x = torch.where(r2 < round(current_size / 2 * pad) ** 2, acc.data / torch.from_numpy(w_relion), 0)
+    lo = n // 2 - box // 2
+    ref = ifft3c(x).real[lo : lo + box, lo : lo + box, lo : lo + box] / gridding_kernel(box, n, 3, dtype=torch.float64)
+    assert torch.allclose(out.volume, ref, atol=1e-9 * float(ref.abs().max()))
+    keep = torch.from_numpy(tau2_relion) > 0
+    assert keep.sum() == current_size // 2 + 1
+    ours = out.tau2[keep] / (pad**3 * fudge)
+    assert torch.allclose(ours, torch.from_numpy(tau2_relion)[keep], rtol=1e-10)
+
+
+@pytest.mark.parametrize("d", [20, 9])
+def test_soft_mask_outside_map_matches_relion(d):
+    from relion_reference import soft_mask_outside_map as relion_mask
+
+    from cryoprior.core.filters import soft_mask_outside_map
+
+    v = torch.randn(d, d, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64) + 0.3
+    ours = soft_mask_outside_map(v)
+    assert torch.allclose(ours, torch.from_numpy(relion_mask(v.numpy())), atol=1e-12)
+    r = torch.from_numpy(np.sqrt(((np.indices((d,) * 3) - d // 2) ** 2).sum(0)))
+    assert torch.equal(ours[r < d / 2], v[r < d / 2])  # inside the sphere untouched
+    corners = ours[r > d / 2 + 3]
+    if corners.numel() > 1:  # corners: one background level
+        assert corners.std() < 1e-12 and abs(float(corners[0] - v.mean())) < 0.5
+    batch = soft_mask_outside_map(torch.stack([v, 2 * v]))
+    assert torch.allclose(batch[1], 2 * ours)
+
+
+def test_minres_map_leaves_low_shells_at_b_over_k():
+    """With a τ² so small that the prior removes every shell it touches, the map keeps exactly
+    the shells below minres_map, at B / K; minres_map = 0 removes them too."""
+    box, pad, minres = 16, 2, 5
+    n = box * pad
+    v = blob_volume(box).double()
+    acc = _relion_parity_acc(box, pad, 4)
+    acc.data = acc.weight * volume_to_fourier(v, pad)  # B / K = F(v · g)
+    tau2 = torch.full((box // 2 + 1,), 1e-14, dtype=torch.float64)
+    cfg = ReconstructionConfig(minres_map=minres, soft_mask_corners=False)
+    out = map_reconstruct(acc, torch.zeros(box // 2 + 1), 1.0, cfg, tau2=tau2).volume
+    ires, _ = padded_shells(n, pad)
+    low = torch.where(ires < minres, volume_to_fourier(v, pad), 0)
+    lo = n // 2 - box // 2
+    g = gridding_kernel(box, n, 3, dtype=torch.float64)
+    ref = ifft3c(low).real[lo : lo + box, lo : lo + box, lo : lo + box] / g
+    assert torch.allclose(out, ref, atol=1e-6 * float(ref.abs().max()))
+    assert float(ref.norm()) > 0.5 * float(v.norm())  # the low shells carry most of the map
+    none = map_reconstruct(acc, torch.zeros(box // 2 + 1), 1.0, ReconstructionConfig(minres_map=0, soft_mask_corners=False), tau2=tau2)
+    assert float(none.volume.norm()) < 1e-6 * float(ref.norm())
+
+
+@pytest.mark.parametrize(
+    "field_name, value",
+    [("red_lambda", float("nan")), ("red_lambda", -1.0), ("fsc_threshold", 1.0), ("fsc_threshold", 0.0),
+     ("tau2_fudge", float("inf")), ("full_set_fsc", "sqrt"), ("minres_map", -1), ("minres_map", 2.5),
+     ("soft_mask_corners", "yes"), ("weight_floor", 0.0)],
+)
+def test_reconstruction_config_rejects(field_name, value):
+    with pytest.raises(ValueError, match=field_name):
+        ReconstructionConfig(**{field_name: value}).validate()
 
 
 def test_shell_mean_weight_and_grid_roundtrip():
@@ -122,7 +216,7 @@ def test_red_identity_closed_form(device):
     real space, pad again); gridding correction cancels out."""
     box, pad, lam = 8, 2, 0.7
     acc = _random_acc(box, pad, 0, device)
-    cfg = ReconstructionConfig(prior="red", red_lambda=lam, weight_floor=1e-6)
+    cfg = ReconstructionConfig(prior="red", red_lambda=lam, weight_floor=1e-6, minres_map=0, soft_mask_corners=False)
     tau2 = torch.linspace(3.0, 0.1, box // 2 + 1, dtype=torch.float64, device=device)
     out = map_reconstruct(acc, torch.zeros(box // 2 + 1), 1.0, cfg, lambda v: v, r_max=box, tau2=tau2)
     n, lo = box * pad, box * pad // 2 - box // 2
@@ -146,7 +240,8 @@ def test_red_identity_lambda_one_returns_unregularised_map(device):
     acc.data = acc.weight * volume_to_fourier(v, pad)
     for tau2 in (0.01, 1.0, 100.0):
         t = torch.full((box // 2 + 1,), tau2, dtype=torch.float64, device=device)
-        out = map_reconstruct(acc, torch.zeros(box // 2 + 1), 1.0, ReconstructionConfig(prior="red"), lambda x: x, r_max=box, tau2=t)
+        cfg = ReconstructionConfig(prior="red", soft_mask_corners=False)  # B / K below minres_map: x̃ too
+        out = map_reconstruct(acc, torch.zeros(box // 2 + 1), 1.0, cfg, lambda x: x, r_max=box, tau2=t)
         assert torch.allclose(out.volume, v, atol=1e-9)
 
 

@@ -9,6 +9,7 @@ import mrcfile
 import numpy as np
 import pytest
 import torch
+from relion_reference import relion_round, soft_mask_outside_map
 
 from cryoprior.cli.main import main
 from cryoprior.io.relion import halfcomplex_to_centred, read_job
@@ -33,7 +34,7 @@ def _freqs():
     k = np.fft.fftfreq(P) * P
     kz, ky, kx = np.meshgrid(k, k, np.arange(P // 2 + 1), indexing="ij")
     r = np.sqrt(kx**2 + ky**2 + kz**2)
-    return r, np.round(r / PAD).astype(int)
+    return r, relion_round(r / PAD)
 
 
 def symmetric_weight(seed: int, radial: bool = False) -> np.ndarray:
@@ -80,18 +81,22 @@ def write_relion_job(folder: Path, volume, weight, tau2, fsc, root="run_it003_ha
     return star
 
 
-def numpy_reference(star: Path, invtau2_shell: np.ndarray, current_size=D) -> np.ndarray:
-    """Independent: ``d² · irfftn(B / (K + τ⁻²))``, centred, cropped, ÷ sinc² gridding kernel."""
+def numpy_reference(star: Path, invtau2_shell: np.ndarray, current_size=D, minres_map=5, soft_mask=True) -> np.ndarray:
+    """Independent: ``d² · irfftn(B / (K + τ⁻²))`` (no τ⁻² below ``minres_map``), centred,
+    cropped, RELION's corner soft mask (tests/relion_reference.py), ÷ sinc² gridding kernel."""
     job = read_job(star)
     b = mrcfile.read(job.data_real).astype(np.float64) + 1j * mrcfile.read(job.data_imag)
     k = mrcfile.read(job.weight).astype(np.float64)
     r, ires = _freqs()
     inside = (r**2 < round(current_size / 2 * PAD) ** 2) & (ires <= D // 2)
-    denom = k + invtau2_shell[np.minimum(ires, D // 2)]
+    invtau2 = np.where(ires >= minres_map, invtau2_shell[np.minimum(ires, D // 2)], 0.0)
+    denom = k + invtau2
     x = np.where(inside, b / np.where(inside, denom, 1.0), 0.0)
     vol = np.fft.fftshift(np.fft.irfftn(x, s=(P, P, P), axes=(0, 1, 2))) * D**2
     lo = P // 2 - D // 2
     vol = vol[lo : lo + D, lo : lo + D, lo : lo + D]
+    if soft_mask:
+        vol = soft_mask_outside_map(vol)
     s = np.sinc((np.arange(D) - D // 2) / P) ** 2
     return vol / (s[:, None, None] * s[None, :, None] * s[None, None, :])
 
@@ -151,16 +156,17 @@ def test_gaussian_star_tau2_equals_numpy(tmp_path):
 
 @pytest.mark.parametrize("root, full", [("run_it002_half2_class001", False), ("run_class001", True)])
 def test_gaussian_fsc_tau2_equals_numpy(tmp_path, root, full):
-    """Eq. (12) with K constant per shell: τ² = T f / (1 − f) / K, f the full-set FSC for a map
-    without _half in its name."""
+    """Eq. (12) with K constant per shell: τ² = T² f / (1 − f) / K (RELION applies T twice), f
+    RELION's full-set FSC sqrt(2f / (1 + f)) for a map without _half in its name."""
     weight = symmetric_weight(4, radial=True)
     fsc = np.clip(np.linspace(1.0, -0.1, D // 2 + 1), 0, None)
     star = write_relion_job(tmp_path, _volume(5), weight, np.ones(D // 2 + 1), fsc, root=root, fudge=1.5)
     run_external(star, RelionExternalConfig(prior="gaussian"))  # auto: the FSC is there
-    f = np.clip(2 * fsc / (1 + fsc) if full else fsc, 0.001, 0.999)
+    f = np.maximum(fsc, 0.001)
+    f = np.clip(np.sqrt(2 * f / (1 + f)) if full else f, 0.001, 0.999)
     _, ires = _freqs()
     k_shell = np.array([weight[ires == i][0] for i in range(D // 2 + 1)])
-    tau2 = 1.5 * f / (1 - f) / k_shell
+    tau2 = 1.5**2 * f / (1 - f) / k_shell
     ref = numpy_reference(star, 1.0 / tau2)
     assert np.abs(_result(star) - ref).max() < 1e-4 * np.abs(ref).max()
 
@@ -273,22 +279,25 @@ def _tau2_table(path: Path):
 
 
 def test_result_starfile_tau2_is_relions_ssnr_formula(tmp_path):
-    """With T = 1, the τ² handed back equals RELION's own FSC-based τ² (updateSSNRarrays):
-    ``f / (1 − f) · σ²`` with ``σ² = 1 / (pad³ ⟨K⟩)`` per shell; the FSC goes back unchanged."""
+    """The τ² handed back equals RELION's own FSC-based τ² (updateSSNRarrays, T once):
+    ``T · f / (1 − f) · σ²`` with ``σ² = 1 / (pad³ ⟨K⟩)`` per shell, here T = 2, for the shells
+    with weight only (inside the current size 12: a 0 row would become RELION's
+    data_vs_prior = 0/0 = NaN); the FSC goes back unchanged."""
     weight = symmetric_weight(11, radial=True)
     fsc = np.clip(np.linspace(1.0, -0.2, D // 2 + 1), 0, None)
-    star = write_relion_job(tmp_path, _volume(12), weight, np.ones(D // 2 + 1), fsc, root="run_it004_half1_class001")
+    star = write_relion_job(tmp_path, _volume(12), weight, np.ones(D // 2 + 1), fsc, root="run_it004_half1_class001",
+                            fudge=2.0, current_size=12)
     run_external(star, RelionExternalConfig(prior="gaussian"))
     job = read_job(star)
     assert job.result_star == tmp_path / "run_it004_half1_class001_external_reconstruct_out.star"
     table = _tau2_table(job.result_star)
     _, ires = _freqs()
     k_shell = np.array([weight[ires == i][0] for i in range(D // 2 + 1)])
-    f = np.clip(fsc, 0.001, 0.999)
-    expected = f / (1 - f) / (PAD**3 * k_shell)
-    assert table["rlnSpectralIndex"].tolist() == list(range(D // 2 + 1))
+    f = np.clip(fsc, 0.001, 0.999)[:7]
+    expected = 2.0 * f / (1 - f) / (PAD**3 * k_shell[:7])
+    assert table["rlnSpectralIndex"].tolist() == list(range(7))  # |k| < 12 padded px: shells 0..6
     np.testing.assert_allclose(table["rlnReferenceTau2"].to_numpy(), expected, rtol=1e-6)
-    np.testing.assert_allclose(table["rlnGoldStandardFsc"].to_numpy(), fsc, atol=1e-6)
+    np.testing.assert_allclose(table["rlnGoldStandardFsc"].to_numpy(), fsc[:7], atol=1e-6)
 
 
 def test_result_starfile_tau2_fed_back_reproduces_map(tmp_path):
@@ -317,3 +326,102 @@ def test_no_result_starfile_key_writes_only_the_map(tmp_path):
     run_external(star, RelionExternalConfig(prior="gaussian"))
     assert read_job(star).result_star is None
     assert set(os.listdir(tmp_path)) - before == {read_job_result_name(star)}
+
+
+def _strip_pixel(star: Path) -> Path:
+    """RELION 3.1.3's STAR: no rlnPixelSize."""
+    star.write_text("\n".join(ln for ln in star.read_text().splitlines() if "rlnPixelSize" not in ln) + "\n")
+    return star
+
+
+def _write_model_star(folder: Path, name: str, pixel: float) -> None:
+    (folder / name).write_text(
+        "\n# version 30001\n\ndata_model_general\n\n_rlnReferenceDimensionality 3\n"
+        f"_rlnOriginalImageSize {D}\n_rlnPixelSize {pixel:.6f}\n\n"
+    )
+
+
+def _write_data_star(folder: Path, name: str, pixel: float) -> None:
+    (folder / name).write_text(
+        "\n# version 30001\n\ndata_optics\n\nloop_\n_rlnOpticsGroup #1\n_rlnImagePixelSize #2\n"
+        f"1 {pixel:.6f}\n\n# version 30001\n\ndata_particles\n\nloop_\n_rlnImageName #1\n1@a.mrcs\n"
+    )
+
+
+def _voxel(path: Path) -> float:
+    with mrcfile.open(path) as m:
+        return float(m.voxel_size.x)
+
+
+def test_pixel_size_found_in_the_run(tmp_path, caplog):
+    """RELION 3.1 writes no rlnPixelSize: take the newest model STAR of the run, else the data
+    STAR's optics; the result map carries it, and CW-RED gets its λ from it."""
+    import logging
+
+    star = _strip_pixel(write_relion_job(tmp_path, _volume(), symmetric_weight(1), np.ones(D // 2 + 1),
+                                         np.full(D // 2 + 1, 0.9), root="run_it003_half1_class001"))
+    _write_data_star(tmp_path, "run_it002_data.star", 3.3)
+    run_external(star, RelionExternalConfig(prior="gaussian"))
+    assert _voxel(read_job(star).result) == pytest.approx(3.3)
+    _write_model_star(tmp_path, "run_it000_half1_model.star", 1.7)
+    _write_model_star(tmp_path, "run_it002_half1_model.star", 2.5)
+    (tmp_path / "run_it003_half1_model.star").write_text("data_model_general\n_rlnPixelSize")  # half-written
+    with caplog.at_level(logging.INFO, logger="cryoprior"):
+        run_external(star, RelionExternalConfig(prior="gaussian"))
+    assert _voxel(read_job(star).result) == pytest.approx(2.5)
+    assert "run_it002_half1_model.star" in caplog.text
+    run_external(star, RelionExternalConfig(prior="gaussian", pixel_size_a=4.0))  # the flag before the run
+    assert _voxel(read_job(star).result) == pytest.approx(4.0)
+    # the STAR's own rlnPixelSize (RELION >= 4.0.1) first
+    star2 = write_relion_job(tmp_path, _volume(), symmetric_weight(1), np.ones(D // 2 + 1), np.full(D // 2 + 1, 0.9),
+                             root="run_it003_half2_class001", pixel_size=2.0)
+    run_external(star2, RelionExternalConfig(prior="gaussian", pixel_size_a=4.0))
+    assert _voxel(read_job(star2).result) == pytest.approx(2.0)
+
+
+def test_cw_red_without_pixel_size_exits_zero_with_lambda_zero(tmp_path, monkeypatch, caplog):
+    """No pixel size anywhere: a warning, CW-RED with λ = 0 (the Gaussian map), exit 0, since
+    RELION aborts the whole MPI job on a non-zero exit; the map's header says voxel 0."""
+    import logging
+
+    import cryoprior.workflows.relion_external as rx
+
+    fsc = np.clip(np.linspace(1.0, 0.2, D // 2 + 1), 0, None)
+    star = _strip_pixel(write_relion_job(tmp_path, _volume(3), symmetric_weight(2), np.ones(D // 2 + 1), fsc))
+    monkeypatch.setattr(rx, "load_prior_denoiser", lambda path, device: pytest.fail("λ = 0 needs no denoiser"))
+    monkeypatch.setenv("CRYOPRIOR_PRIOR", "cw-red")
+    monkeypatch.delenv("CRYOPRIOR_PIXEL_SIZE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="cryoprior"):
+        assert main(["-q", "relion-external", str(star)]) == 0
+    assert "pixel size unknown" in caplog.text
+    cw = _result(star)
+    assert _voxel(read_job(star).result) == 0.0
+    monkeypatch.setenv("CRYOPRIOR_PRIOR", "gaussian")
+    assert main(["-q", "relion-external", str(star)]) == 0
+    np.testing.assert_allclose(cw, _result(star), atol=1e-6 * np.abs(cw).max())
+
+
+@pytest.mark.parametrize("cut", ["short", "gap", "repeat"])
+def test_incomplete_tau2_table_is_an_error_and_removes_stale_results(tmp_path, capsys, cut):
+    """Issue 11 item 6: a τ²/FSC table without every shell 0..d/2 (cut short at a row boundary,
+    a row missing, a row repeated) is corrupt: exit 2, one line, and neither the result map nor
+    the τ² STAR of an earlier call survives (RELION must not read them as this call's)."""
+    star = _good_job(tmp_path)
+    assert main(["-q", "relion-external", str(star)]) == 0  # an earlier, good call
+    job = read_job(star)
+    assert job.result.exists() and job.result_star.exists()
+    lines = star.read_text().splitlines()
+    rows = [i for i, ln in enumerate(lines) if ln.strip()[:1].isdigit() and len(ln.split()) == 3]
+    assert len(rows) == D // 2 + 1
+    if cut == "short":
+        lines = lines[: rows[-3]]  # the last three shells gone, file ends at a row boundary
+    elif cut == "gap":
+        del lines[rows[4]]
+    else:
+        lines[rows[4]] = lines[rows[3]]
+    star.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert main(["-q", "relion-external", str(star)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "external_reconstruct_tau2" in err, err
+    assert not job.result.exists() and not job.result_star.exists()

@@ -14,6 +14,10 @@
   gan       the robust-GAN paper's experiments on a five-conformation adenylate kinase set:
             MSE/PSNR/SSIM of NLM, low-pass, Wiener, l2/l1-AE and four GANs at SNR 0.1/0.05,
             Huber contamination, Isomap + k-means of the conformations, inference speed
+  relion    RELION 3.1 auto-refine with its own M-step vs --external_reconstruct with
+            cryoprior relion-external (gaussian, red, cw-red) on held-out simulated stacks:
+            reported and true resolution, iterations, wall time; and cryoprior reconstruct vs
+            relion_reconstruct at known poses (needs relion_refine_mpi, mpirun)
 
 example:
   cryoprior bench startup
@@ -22,6 +26,7 @@ example:
   cryoprior bench cdae --quick --out bench_cdae.json
   cryoprior bench red --quick --out bench_red.json
   cryoprior bench gan --quick --out bench_gan.json
+  cryoprior bench relion --quick --out bench_relion.json
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
     "simulate": ("simulate", {"n": 10_000, "box": 128}, {"n": 1_000, "box": 128}),
     # red: --n/--box override the particles per dataset and the box; figures go to out_dir
     "red": ("red", {"quick": False, "out_dir": "bench_red"}, {"quick": True, "out_dir": "bench_red_quick"}),
+    # relion: --n/--box override the particles per stack and the box; tables go to out_dir
+    "relion": ("relion", {"quick": False, "out_dir": "bench_relion"}, {"quick": True, "out_dir": "bench_relion_quick"}),
     # cdae: --n = test images per view; tables (bench_cdae.md/.json) go to out_dir
     "cdae": ("cdae", {"n": 1000, "box": 64, "quick": False, "out_dir": "bench_cdae"},
              {"n": 150, "box": 64, "quick": True, "out_dir": "bench_cdae_quick"}),

@@ -5,7 +5,11 @@ named by rlnExtReconsResult and, when the STAR names rlnExtReconsResultStarfile,
 RELION reads back from it (both atomically; half 1 and half 2 may run at the same time). RELION
 passes no options, so each flag falls back to an environment variable: CRYOPRIOR_PRIOR
 (gaussian|red|cw-red), CRYOPRIOR_DENOISER (model file; default the shipped one), CRYOPRIOR_TAU2
-(auto|fsc|star), CRYOPRIOR_RED_LAMBDA, CRYOPRIOR_PIXEL_SIZE, CRYOPRIOR_DEVICE.
+(auto|fsc|star), CRYOPRIOR_RED_LAMBDA, CRYOPRIOR_PIXEL_SIZE, CRYOPRIOR_DEVICE,
+CRYOPRIOR_FULL_SET_FSC (relion|ssnr; default relion, RELION's sqrt(2f/(1+f))) and
+CRYOPRIOR_MINRES_MAP (5). The pixel size is the STAR's rlnPixelSize, else --pixel-size, else
+the run's newest <out>_it<NNN>[_half1]_model.star / <out>_it<NNN>_data.star; without one CW-RED
+uses λ = 0 (never a failed exit: RELION would abort). A τ² table missing shells is an error.
 
 example:
   export RELION_EXTERNAL_RECONSTRUCT_EXECUTABLE="cryoprior relion-external"

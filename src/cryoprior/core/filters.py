@@ -45,6 +45,24 @@ def soft_sphere_mask(
     return _raised_cosine(radius_grid(box, ndim, device, dtype), radius_px, width_px)
 
 
+def soft_mask_outside_map(volume: torch.Tensor, radius_px: float | None = None, width_px: float = 3.0) -> torch.Tensor:
+    """RELION's ``softMaskOutsideMap`` (3.1.3 ``src/mask.cpp:43-97``, defaults ``mask.h``): the
+    corners outside the sphere of ``radius_px`` (default ``d / 2``, centre ``d // 2``) are
+    replaced by the background level, the raised-cosine-weighted mean of the outside, blended
+    over ``width_px`` px: ``(1 − w) v + w · bg``, ``w`` = 1 − :func:`soft_sphere_mask`.
+    ``(..., d, d, d)``, one background level per volume."""
+    d = volume.shape[-1]
+    if volume.dim() < 3 or volume.shape[-3:] != (d, d, d):
+        raise ValueError(f"expected (..., d, d, d), got {tuple(volume.shape)}")
+    radius_px = d / 2 if radius_px is None else radius_px
+    outside = 1.0 - soft_sphere_mask(d, radius_px, width_px, 3, volume.device, volume.dtype)
+    total = outside.sum()
+    if not float(total) > 0:  # nothing outside the sphere: RELION divides by 0; we leave the map
+        return volume.clone()
+    background = (outside * volume).sum(dim=(-3, -2, -1), keepdim=True) / total
+    return (1.0 - outside) * volume + outside * background
+
+
 def _cutoff_fourier_px(
     box: int, cutoff_a: float | None, cutoff_freq: float | None, pixel_size_a: float | None
 ) -> float:

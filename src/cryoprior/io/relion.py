@@ -13,7 +13,9 @@ folder (half 1 and half 2 at the same time). The STAR holds ``data_external_reco
 
 from __future__ import annotations
 
+import glob
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +101,15 @@ _GENERAL_KEYS = (
 )
 _TAU2_KEYS = ("rlnSpectralIndex", "rlnReferenceTau2", "rlnGoldStandardFsc")
 RESULT_STAR_KEY = "rlnExtReconsResultStarfile"
+
+
+class IncompleteTableError(InputError):
+    """The τ²/FSC table does not cover every shell ``0..ori // 2``; ``outputs`` are the files
+    the request names (result map, result STAR), which must not survive from an earlier call."""
+
+    def __init__(self, message: str, path: Path, outputs: list[Path]):
+        super().__init__(message, path)
+        self.outputs = outputs
 
 
 def halfcomplex_to_centred(h: torch.Tensor) -> torch.Tensor:
@@ -187,6 +198,8 @@ def read_job(star: str | Path) -> ExternalJob:
         raise InputError(f"bad sizes: original {ori}, current {cur}, padding {pad_f:g} (integer >= 1)", star)
     if idx.size and (idx.min() < 0 or idx.max() > ori // 2):
         raise InputError(f"rlnSpectralIndex outside 0..{ori // 2}", star)
+    if not (np.isfinite(tau2_col).all() and np.isfinite(fsc_col).all()):
+        raise InputError(f"data_{TAU2} holds NaN or Inf", star)
     tau2, fsc = np.zeros(ori // 2 + 1), np.zeros(ori // 2 + 1)
     tau2[idx], fsc[idx] = tau2_col, fsc_col
     real, imag, weight = (_resolve(str(general[k]), star) for k in _GENERAL_KEYS[:3])
@@ -202,11 +215,66 @@ def read_job(star: str | Path) -> ExternalJob:
     result = output("rlnExtReconsResult")
     if result is None:
         raise InputError("rlnExtReconsResult is empty", star)
+    # RELION writes one row per shell 0..ori/2 (backprojector.cpp:1255-1261); fewer rows (a file
+    # cut short at a row boundary) or repeated ones are a corrupted request, not zeros to assume
+    missing = sorted(set(range(ori // 2 + 1)) - set(idx.tolist()))
+    if missing or len(idx) != ori // 2 + 1:
+        what = f"lacks shell(s) {_ranges(missing)}" if missing else "repeats shells"
+        outputs = [p for p in (result, output(RESULT_STAR_KEY)) if p is not None]
+        raise IncompleteTableError(
+            f"data_{TAU2} {what}; RELION writes one row per shell 0..{ori // 2} (rlnOriginalImageSize {ori})",
+            star, outputs,
+        )
     return ExternalJob(
         star, real, imag, weight, result,
         fudge=fudge, pad=int(pad_f), ori_size=ori, current_size=cur, pixel_size_a=pixel, tau2=tau2, fsc=fsc,
         result_star=output(RESULT_STAR_KEY),
     )
+
+
+def _ranges(values: list[int]) -> str:
+    """``[3, 4, 5, 8]`` → ``"3-5, 8"``."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        start = v if start is None else start
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(f"{start}-{v}" if v != start else f"{v}")
+            start = None
+    return ", ".join(parts)
+
+
+_RUN_STAR = re.compile(r"(.*?)(_it\d{3})?(_half[12])?_(class|body)\d{3}_external_reconstruct\.star$")
+
+
+def find_run_pixel_size(star: Path) -> tuple[float | None, str]:
+    """Å/pixel from the RELION run that wrote ``star``, and where it was found.
+
+    RELION 3.1 (and 4.0.0) write no ``rlnPixelSize`` in the external STAR and leave the cell of
+    the data/weight MRCs at 0, but the run's ``<out>_it<NNN>[_half1]_model.star`` holds it
+    (``data_model_general``, ``rlnPixelSize``; ``it000`` exists before iteration 1), as does the
+    optics table of ``<out>_it<NNN>_data.star`` (``rlnImagePixelSize``). Newest first; files that
+    cannot be read (half-written) are skipped. ``<out>`` is the STAR's name without
+    ``[_it<NNN>][_half<k>]_(class|body)<NNN>_external_reconstruct.star``. (None, reason) if absent.
+    """
+    m = _RUN_STAR.match(star.name)
+    if m is None:
+        return None, f"{star.name} is not named <out>_it<NNN>[_half<k>]_class<NNN>_external_reconstruct.star"
+    root = glob.escape(m.group(1))
+    for pattern, block, key in (
+        (f"{root}_it[0-9][0-9][0-9]*_model.star", "model_general", "rlnPixelSize"),
+        (f"{root}_it[0-9][0-9][0-9]_data.star", "optics", "rlnImagePixelSize"),
+    ):
+        for path in sorted(star.parent.glob(pattern), reverse=True):
+            try:
+                table = read_blocks(path).get(block)
+                value = table[key].iloc[0] if isinstance(table, pd.DataFrame) else (table or {}).get(key)
+                value = float(value) if value is not None else None
+            except Exception as exc:  # noqa: BLE001 - a file RELION is still writing: try the next
+                log.debug("%s: unreadable (%s)", path, exc)
+                continue
+            if value is not None and np.isfinite(value) and value > 0:
+                return value, str(path)
+    return None, f"no {m.group(1)}_it<NNN>[_half1]_model.star or _data.star with a pixel size beside {star}"
 
 
 def read_grid(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
@@ -226,14 +294,18 @@ def read_grid(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
     return data
 
 
-def write_tau2_star(path: Path, tau2_relion: np.ndarray, fsc: np.ndarray) -> Path:
+def write_tau2_star(path: Path, tau2_relion: np.ndarray, fsc: np.ndarray, index: np.ndarray | None = None) -> Path:
     """Write ``data_external_reconstruct_tau2`` (rlnSpectralIndex, rlnReferenceTau2 in RELION's
-    units, rlnGoldStandardFsc), one row per shell ``0..len - 1``, atomically. Returns ``path``."""
+    units, rlnGoldStandardFsc), one row per entry, for shells ``index`` (default ``0..len - 1``),
+    atomically. Returns ``path``."""
     if tau2_relion.shape != fsc.shape or tau2_relion.ndim != 1:
         raise ValueError(f"τ² {tau2_relion.shape} and FSC {fsc.shape} must be 1D of the same length")
+    index = np.arange(len(tau2_relion)) if index is None else np.asarray(index)
+    if index.shape != tau2_relion.shape:
+        raise ValueError(f"index {index.shape} and τ² {tau2_relion.shape} differ")
     text = f"\n# version 30001\n\ndata_{TAU2}\n\nloop_ \n"
     text += "".join(f"_{key} #{i + 1} \n" for i, key in enumerate(_TAU2_KEYS))
-    text += "".join(f"{i:12d} {t:15.8e} {f:12.6f} \n" for i, (t, f) in enumerate(zip(tau2_relion, fsc)))
+    text += "".join(f"{i:12d} {t:15.8e} {f:12.6f} \n" for i, t, f in zip(index, tau2_relion, fsc))
     with atomic_path(path) as tmp:
         tmp.write_text(text + " \n")
     return path

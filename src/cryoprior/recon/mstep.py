@@ -6,9 +6,14 @@ Notation of the paper, on the padded, centred 3D Fourier grid of :mod:`cryoprior
 - eq. (9)   ``B = Σ_i CTF_i · Î_i / σ²``, ``K = Σ_i CTF_i² / σ²`` (trilinear insertion at the poses,
   each image optionally weighted by its pose probability, σ² the per-shell noise power);
 - eq. (11)  Gaussian prior: ``x = B / (K + τ⁻²)``;
-- eq. (12)  ``τ² = T · FSC / (1 − FSC) / ⟨K⟩_shell`` per shell (``T`` RELION's fudge factor,
-  ``⟨K⟩`` the mean weight over the shell's voxels, FSC clamped to [0.001, 0.999] as RELION);
-  for a map from both halves the full-set FSC ``2 FSC / (1 + FSC)`` is used;
+- eq. (12)  ``τ² = T² · FSC / (1 − FSC) / ⟨K⟩_shell`` per shell (``T`` RELION's fudge factor,
+  which RELION applies twice, see :func:`tau2_from_fsc`; ``⟨K⟩`` the mean weight over the
+  shell's voxels, FSC clamped to [0.001, 0.999] as RELION); for a map from both halves a
+  full-set FSC is used: ``2 FSC / (1 + FSC)`` (``full_set_fsc="ssnr"``: twice the half-set
+  SSNR, the statistically right value) or RELION's ``sqrt(2 FSC / (1 + FSC))`` (``"relion"``);
+- as RELION's M-step: no prior in shells below ``minres_map`` (there x = B / K), and the
+  cropped map's corners are soft-masked (RELION's ``softMaskOutsideMap``) before the gridding
+  correction;
 - eq. (17)  RED: ``x = (B + λ τ⁻² f(x̃)) / (K + τ⁻²)`` with ``x̃ = B / K`` and ``f`` a denoiser
   applied in real space. We evaluate it as ``(τ² B + λ f̂) / (τ² K + 1)``, defined for τ² = 0.
 - CW-RED:   ``λ`` from the half-map resolution: 0 at ``cw_low_a`` (10 Å) or worse, 1 at
@@ -20,11 +25,17 @@ voxels with ``|k|² < round(r_max · pad)²`` take part (``r_max`` = current siz
 of the result is zero. Real-space maps come out of :func:`~cryoprior.core.projection.
 fourier_to_volume` (cropped, gridding-corrected); :func:`volume_to_fourier` is its inverse.
 
+Kept different from RELION on purpose: the division ``B / (K + τ⁻²)`` is direct (RELION runs
+10 Pipe–Menon iterations for density-compensation weights; at T = 1 the maps differ by ~1 %
+inside the sphere), and the gridding correction is the separable ``Π sinc²(x_i / N)``, the
+exact transform of the trilinear kernel (RELION divides by the radial ``sinc²(r / N)``, an
+approximation of it).
+
 Units of τ² (tested against the truth in ``tests/test_red.py``): the FSC of the cropped half maps
 gives the SSNR of the box-sized map, so eq. (12) makes τ² = pad³ · ⟨|F(V)|²⟩_shell / σ², σ² the
 noise power of one ``fft2c`` coefficient — RELION's ``rlnReferenceTau2`` × pad³. RELION divides
 by pad³ in ``sigma2`` and multiplies by it again in ``invtau2``; the ``1 / τ²`` added to K is the
-same (``⟨K⟩ (1 − FSC) / (T · FSC)``), and scaling it by 1/4 or 4 raises the error to the truth.
+same (``⟨K⟩ (1 − FSC) / (T² · FSC)``), and scaling it by 1/4 or 4 raises the error to the truth.
 The Wiener weights do not lower the FSC to the truth on the padded grid, but the crop to the box
 (like any mask) mixes neighbouring shells: where SSNR ≪ 1 the attenuated shell then carries
 leakage from the lower, less-attenuated ones, so the FSC of the *regularised* map to a reference
@@ -33,18 +44,21 @@ falls below that of B / K near 0.143. Resolution is read from the unregularised 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from cryoprior.core.fft import fft3c
+from cryoprior.core.filters import soft_mask_outside_map
 from cryoprior.core.fsc import fsc, resolution_at
 from cryoprior.core.projection import fourier_to_volume, gridding_kernel
 from cryoprior.recon.accumulate import Accumulator
 
 Denoiser = Callable[[torch.Tensor], torch.Tensor]
 PRIORS = ("gaussian", "red", "cw-red")
+FULL_SET_RULES = ("ssnr", "relion")
 
 
 @dataclass
@@ -58,6 +72,14 @@ class ReconstructionConfig:
     cw_low_a: float = field(default=10.0, metadata={"help": "CW-RED: λ = 0 at this resolution (Å) or worse"})
     cw_high_a: float = field(default=4.5, metadata={"help": "CW-RED: λ = 1 at this resolution (Å) or better"})
     fsc_threshold: float = field(default=0.143, metadata={"help": "FSC threshold for the resolution"})
+    full_set_fsc: str = field(
+        default="ssnr", metadata={"choices": list(FULL_SET_RULES), "help": "full-set map's FSC from the half-set f: "
+                                  "ssnr = 2f/(1+f) (twice the half SSNR), relion = sqrt(2f/(1+f)) (RELION 3.1)"}
+    )
+    minres_map: int = field(default=5, metadata={"help": "no prior in shells below this one (RELION --minres_map)"})
+    soft_mask_corners: bool = field(
+        default=True, metadata={"help": "soft-mask the corners outside d/2 before the gridding correction (RELION)"}
+    )
     weight_floor: float = field(
         default=1e-3, metadata={"help": "x̃ = B / max(K, floor · mean K): relative floor of K"}
     )
@@ -67,10 +89,27 @@ class ReconstructionConfig:
             raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
         if self.pad < 1:
             raise ValueError(f"pad must be >= 1, got {self.pad}")
+        numbers = {"red_lambda": self.red_lambda, "tau2_fudge": self.tau2_fudge, "cw_low_a": self.cw_low_a,
+                   "cw_high_a": self.cw_high_a, "weight_floor": self.weight_floor, "fsc_threshold": self.fsc_threshold}
+        for name, value in numbers.items():
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if not self.tau2_fudge > 0:
             raise ValueError(f"tau2_fudge must be positive, got {self.tau2_fudge}")
+        if self.red_lambda < 0:
+            raise ValueError(f"red_lambda must be >= 0, got {self.red_lambda}")
         if not 0 < self.cw_high_a < self.cw_low_a:
             raise ValueError(f"need 0 < cw_high_a < cw_low_a, got {self.cw_high_a}, {self.cw_low_a}")
+        if not 0 < self.fsc_threshold < 1:
+            raise ValueError(f"fsc_threshold must lie strictly between 0 and 1, got {self.fsc_threshold}")
+        if not self.weight_floor > 0:
+            raise ValueError(f"weight_floor must be positive, got {self.weight_floor}")
+        if self.full_set_fsc not in FULL_SET_RULES:
+            raise ValueError(f"full_set_fsc must be one of {FULL_SET_RULES}, got {self.full_set_fsc!r}")
+        if isinstance(self.minres_map, bool) or not isinstance(self.minres_map, int) or self.minres_map < 0:
+            raise ValueError(f"minres_map must be an integer shell >= 0, got {self.minres_map!r}")
+        if not isinstance(self.soft_mask_corners, bool):
+            raise ValueError(f"soft_mask_corners must be true or false, got {self.soft_mask_corners!r}")
 
 
 # ---------------------------------------------------------------------------- shells and τ²
@@ -78,7 +117,8 @@ def padded_shells(n: int, pad: int, device=None) -> tuple[torch.Tensor, torch.Te
     """``(ires, r²)`` on the centred ``(n, n, n)`` grid: ``round(|k| / pad)`` and ``|k|²``."""
     f = torch.arange(n, device=device, dtype=torch.float64) - n // 2
     r2 = f[:, None, None] ** 2 + f[None, :, None] ** 2 + f[None, None, :] ** 2
-    return torch.round(torch.sqrt(r2) / pad).long(), r2
+    # RELION's ROUND (macros.h:195) rounds halves up: |k| = 1, pad 2 is shell 1 (torch.round: 0)
+    return torch.floor(torch.sqrt(r2) / pad + 0.5).long(), r2
 
 
 def inside_mask(n: int, pad: int, r_max: float, device=None) -> torch.Tensor:
@@ -100,22 +140,39 @@ def shell_mean_weight(weight: torch.Tensor, pad: int, box: int, r_max: float | N
     return torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
 
 
-def full_set_fsc(fsc_half: torch.Tensor) -> torch.Tensor:
-    """FSC expected between two full-set maps from the half-set FSC: ``2 f / (1 + f)`` (f ≥ 0)."""
+def full_set_fsc(fsc_half: torch.Tensor, rule: str = "ssnr") -> torch.Tensor:
+    """The FSC that sets τ² of the full-set (joined) map, from the half-set FSC ``f``.
+
+    ``"ssnr"``: ``2 f / (1 + f)`` (f ≥ 0), the FSC expected between two full-set maps: the
+    full set has twice the half set's SSNR (tests/test_red.py checks the τ² it gives against
+    the true signal power). ``"relion"``: RELION 3.1.3's ``sqrt(2 f / (1 + f))`` with f ≥ 0.001
+    (``backprojector.cpp:1107-1113``, "Sqrt-term to get 60-degree phase errors"), which
+    regularises the joined map 2.2× (f = 0.5) to 3× (f = 0.143) less than ``"ssnr"``.
+    """
+    if rule == "relion":
+        f = fsc_half.clamp(min=0.001)  # backprojector.cpp:1107 XMIPP_MAX(0.001, fsc)
+        return torch.sqrt(2 * f / (f + 1))  # backprojector.cpp:1108-1113
+    if rule != "ssnr":
+        raise ValueError(f"rule must be one of {FULL_SET_RULES}, got {rule!r}")
     f = fsc_half.clamp(min=0.0)
     return 2 * f / (1 + f)
 
 
 def tau2_from_fsc(fsc_curve: torch.Tensor, mean_weight: torch.Tensor, fudge: float = 1.0) -> torch.Tensor:
-    """Eq. (12): ``τ² = T · FSC / (1 − FSC) / ⟨K⟩`` per shell, FSC clamped to [0.001, 0.999].
+    """Eq. (12) as RELION 3.1.3 applies it: ``τ² = T² · FSC / (1 − FSC) / ⟨K⟩`` per shell, FSC
+    clamped to [0.001, 0.999].
 
-    Shells with no weight get τ² = 0 (the prior alone; zero for the Gaussian prior).
+    RELION multiplies the SSNR by T in ``updateSSNRarrays`` (``backprojector.cpp:1117``,
+    τ²_R = T · SSNR · σ², σ² = 1 / (pad³ ⟨W⟩)) and again in ``reconstruct``
+    (``backprojector.cpp:1429``, 1/τ² term = 1 / (pad³ · T · τ²_R)), so the term added to the
+    weight is ``⟨K⟩ / (T² · SSNR)``. Shells with no weight get τ² = 0 (the prior alone; zero
+    for the Gaussian prior).
     """
     if fsc_curve.shape != mean_weight.shape:
         raise ValueError(f"fsc {tuple(fsc_curve.shape)} and mean weight {tuple(mean_weight.shape)} differ")
     f = fsc_curve.double().clamp(0.001, 0.999)
     k = mean_weight.double().to(f.device)
-    return torch.where(k > 0, fudge * f / (1 - f) / k.clamp(min=1e-300), 0.0)
+    return torch.where(k > 0, fudge**2 * f / (1 - f) / k.clamp(min=1e-300), 0.0)
 
 
 def tau2_grid(tau2: torch.Tensor, n: int, pad: int, r_max: float | None = None) -> torch.Tensor:
@@ -213,14 +270,16 @@ def map_reconstruct(
     lam: float | None = None,
     tau2: torch.Tensor | None = None,
 ) -> MapResult:
-    """The M-step for one map: τ² from ``fsc_curve`` (the half-set FSC, converted when
-    ``full_set``), then eq. (11) or eq. (17) with the configured prior. ``lam`` overrides λ;
+    """The M-step for one map: τ² from ``fsc_curve`` (the half-set FSC, converted by
+    ``config.full_set_fsc`` when ``full_set``), then eq. (11) or eq. (17) with the configured
+    prior, B / K in shells below ``config.minres_map``, the crop to the box, the corner soft
+    mask (``config.soft_mask_corners``) and the gridding correction. ``lam`` overrides λ;
     ``tau2`` ``(box // 2 + 1,)`` overrides the τ² per shell (already scaled to K)."""
     config.validate()
     box, pad, n = acc.box, acc.pad, acc.data.shape[-1]
     r_max = box // 2 if r_max is None else r_max
     if tau2 is None:
-        curve = full_set_fsc(fsc_curve) if full_set else fsc_curve
+        curve = full_set_fsc(fsc_curve, config.full_set_fsc) if full_set else fsc_curve
         mean_k = shell_mean_weight(acc.weight, pad, box, r_max)
         tau2 = tau2_from_fsc(curve.to(acc.weight.device), mean_k, config.tau2_fudge)
     tau2 = tau2.to(acc.weight.device)
@@ -239,8 +298,19 @@ def map_reconstruct(
             raise ValueError(f"prior {config.prior!r} needs a denoiser")
         prior_ft = red_prior_fourier(acc.data, acc.weight, box, pad, denoiser, config.weight_floor)
     x = map_update(acc.data, acc.weight, grid, prior_ft, lam)
+    if config.minres_map > 0:
+        # RELION adds the 1/τ² term only where ires >= minres_map (backprojector.cpp:1443-1451;
+        # default --minres_map 5, ml_optimiser.cpp:452/785): B / K below, whatever the prior
+        ires, _ = padded_shells(n, pad, x.device)
+        low = (ires < config.minres_map) & (acc.weight > 0)
+        x = torch.where(low, acc.data / acc.weight.clamp(min=1e-300), x)
     x = x * inside_mask(n, pad, r_max, x.device)
-    return MapResult(fourier_to_volume(x, box), tau2, float(lam))
+    if not config.soft_mask_corners:
+        return MapResult(fourier_to_volume(x, box), tau2, float(lam))
+    # RELION's order: windowToOridimRealSpace crops and soft-masks the corners
+    # (backprojector.cpp:1734 → 2339, mask.cpp:43-97), then griddingCorrect (backprojector.cpp:1747)
+    vol = soft_mask_outside_map(fourier_to_volume(x, box, gridding_correct=False))
+    return MapResult(vol / gridding_kernel(box, n, 3, vol.device, vol.dtype), tau2, float(lam))
 
 
 def unregularised_volume(acc: Accumulator, floor: float = 1e-3) -> torch.Tensor:

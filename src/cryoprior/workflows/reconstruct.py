@@ -69,26 +69,7 @@ class ReconstructJob:
         resolve_device(self.device)  # InputError for cuda without a GPU
         for config in (recon, refine_cfg if self.refine else None):
             if config is not None:
-                validated(config)
-        if recon is not None:
-            check_reconstruction(recon)
-
-
-def check_reconstruction(recon: ReconstructionConfig) -> None:
-    """What ``ReconstructionConfig.validate`` (recon/mstep.py) leaves open: finite λ and limits,
-    and an FSC threshold that is a correlation strictly between 0 and 1."""
-    numbers = {"--red-lambda": recon.red_lambda, "--tau2-fudge": recon.tau2_fudge, "--cw-low-a": recon.cw_low_a,
-               "--cw-high-a": recon.cw_high_a, "--weight-floor": recon.weight_floor,
-               "--fsc-threshold": recon.fsc_threshold}
-    for flag, value in numbers.items():
-        if not math.isfinite(value):
-            raise InputError(f"{flag} must be a finite number, got {value}")
-    if recon.red_lambda < 0:
-        raise InputError(f"--red-lambda must be >= 0, got {recon.red_lambda}")
-    if not 0 < recon.fsc_threshold < 1:
-        raise InputError(f"--fsc-threshold must lie strictly between 0 and 1, got {recon.fsc_threshold}")
-    if not recon.weight_floor > 0:
-        raise InputError(f"--weight-floor must be positive, got {recon.weight_floor}")
+                validated(config)  # ReconstructionConfig.validate: finite numbers, λ >= 0, 0 < FSC threshold < 1
 
 
 def _load_map(spec: str, box: int, pixel_size_a: float, device) -> torch.Tensor:
