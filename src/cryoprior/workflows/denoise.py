@@ -62,7 +62,7 @@ def _check_inputs(method: str, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNC
         box = check_levels(pretrain, snrs)
         if stack is not None and box != stack.box:
             raise InputError(f"pre-training images are {box} px, the target's ({target}) {stack.box} px", pretrain)
-    if stack is not None and stack.box < 2 ** len(cdae.widths) and method != "dncnn":
+    if stack is not None and cdae.widths is not None and stack.box < 2 ** len(cdae.widths) and method != "dncnn":
         raise InputError(f"images of {stack.box} px are smaller than the pooling factor {2 ** len(cdae.widths)}", target)
     return stack
 
