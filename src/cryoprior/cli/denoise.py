@@ -4,7 +4,10 @@
          (--pretrain, from `cryoprior simulate --snr-levels 0.1 0.4 0.6 inf`), then fine-tune
          it on --target towards k-NN means (no clean images needed);
          --method single-dae: one autoencoder, no pre-training (the paper's ablation);
-         --method dncnn: DnCNN trained on the --pretrain pairs (SNR 0.1 -> clean), a baseline.
+         --method dncnn: DnCNN trained on the --pretrain pairs (SNR 0.1 -> clean), a baseline;
+         --method drvae: DRVAE + BSK-means++ on --target alone (--classes K): a variational
+         ResNet autoencoder, rounds of balanced clustering and class-average pseudo-targets;
+         also writes labels (rounds/), curves.json; apply gives the input's units.
          Writes RUN_DIR: model.pt, checkpoints/, config.yaml, losses.json/.png, metrics.json.
          --resume continues an interrupted run from its last checkpoints.
   apply  denoise a stack: OUT/denoised.mrcs and OUT/particles.star pointing at it.
@@ -14,6 +17,7 @@ example:
       --snr-levels 0.1 0.4 0.6 inf --out sim_pre
   cryoprior denoise train --method cdae --pretrain sim_pre --target particles.star --out run_cdae
   cryoprior denoise apply --model run_cdae particles.star --out denoised/
+  cryoprior denoise train --method drvae --target particles.star --classes 4 --out run_drvae
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from cryoprior.config import add_config_args, config_from_args
 from cryoprior.nn.cdae import CDAEConfig
 from cryoprior.nn.denoiser import PRECISIONS
 from cryoprior.nn.dncnn import SHARED_FIELDS, DnCNNConfig
+from cryoprior.nn.drvae import DRVAEConfig
 from cryoprior.nn.training import DEVICES
 from cryoprior.workflows import denoise as pipeline
 
@@ -44,6 +49,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR")
     add_config_args(train.add_argument_group("CDAE / single DAE (and shared training flags)"), CDAEConfig)
     add_config_args(train.add_argument_group("DnCNN"), DnCNNConfig, skip=SHARED_FIELDS)
+    add_config_args(train.add_argument_group("DRVAE"), DRVAEConfig, skip=("seed",))
 
     apply = sub.add_parser("apply", help="denoise a particle stack with a trained model", formatter_class=fmt,
                            description=__doc__)
@@ -63,6 +69,7 @@ def main(args: argparse.Namespace) -> int:
         metrics = pipeline.train(
             args.method, args.out, pretrain=args.pretrain, target=args.target,
             cdae=config_from_args(CDAEConfig, args), dncnn=config_from_args(DnCNNConfig, args),
+            drvae=config_from_args(DRVAEConfig, args),
             device=args.device, resume=args.resume, overwrite=args.overwrite,
         )
         print(json.dumps(metrics, indent=2))

@@ -24,6 +24,7 @@ from cryoprior.fileutil import atomic_path
 from cryoprior.nn.cdae_ops import as_images, histogram_equalize, normalize
 from cryoprior.nn.models.cdae import CDAECascade, ConvAEBlock
 from cryoprior.nn.models.dncnn import DnCNN
+from cryoprior.nn.models.drvae import DRVAEDenoiser
 from cryoprior.nn.training import resolve_device
 
 MODEL_FILE = "model.pt"
@@ -31,7 +32,7 @@ FORMAT = 1
 PRECISIONS = ("auto", "fp32", "bf16")
 
 #: arch kind -> constructor
-ARCHS: dict[str, type[nn.Module]] = {"cdae": CDAECascade, "dae": ConvAEBlock, "dncnn": DnCNN}
+ARCHS: dict[str, type[nn.Module]] = {"cdae": CDAECascade, "dae": ConvAEBlock, "dncnn": DnCNN, "drvae": DRVAEDenoiser}
 
 
 def build_model(arch: dict) -> nn.Module:

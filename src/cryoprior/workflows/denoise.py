@@ -22,13 +22,14 @@ from cryoprior.nn.cdae import CDAEConfig, train_cdae, train_single_dae
 from cryoprior.nn.cdae_ops import check_levels, histogram_equalize, psnr_normalised
 from cryoprior.nn.denoiser import denoise_images, load_model, read_model_file
 from cryoprior.nn.dncnn import DnCNNConfig, train_dncnn
+from cryoprior.nn.drvae import DRVAEConfig, check_stack_images, denoised_stream, drvae_metrics, train_drvae
 from cryoprior.nn.training import resolve_device
 from cryoprior.progress import bar
 from cryoprior.workflows.runs import RunDir
 
 log = logging.getLogger(__name__)
 
-METHODS = ("cdae", "single-dae", "dncnn")
+METHODS = ("cdae", "single-dae", "dncnn", "drvae")
 CLEAN_COLUMN = "cpCleanImageName"
 APPLY_CHUNK = 4096  # images per chunk streamed through the network
 
@@ -44,7 +45,7 @@ def _check_inputs(method: str, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNC
     """Validate everything (nothing is written); returns the opened target stack."""
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    needs_pretrain, needs_target = method in ("cdae", "dncnn"), method in ("cdae", "single-dae")
+    needs_pretrain, needs_target = method in ("cdae", "dncnn"), method in ("cdae", "single-dae", "drvae")
     if needs_pretrain and pretrain is None:
         raise InputError(f"--method {method} needs --pretrain SIM_DIR (simulated SNR pairs)")
     if needs_target and target is None:
@@ -99,6 +100,7 @@ def train(
     target: str | Path | None = None,
     cdae: CDAEConfig | None = None,
     dncnn: DnCNNConfig | None = None,
+    drvae: DRVAEConfig | None = None,
     device: str = "auto",
     resume: bool = False,
     overwrite: bool = False,
@@ -112,6 +114,12 @@ def train(
     cdae, dncnn = cdae or CDAEConfig(), dncnn or DnCNNConfig()
     out = Path(out)
     stack = _check_inputs(method, pretrain, target, cdae, dncnn)
+    if method == "drvae":
+        drvae = drvae or DRVAEConfig()
+        drvae.validate()
+        if drvae.classes > len(stack):
+            raise InputError(f"--classes {drvae.classes} is more than the {len(stack)} particles", target)
+        check_stack_images(stack)
     dev = resolve_device(device)
     _prepare_out(out, method, resume, overwrite)
     run = RunDir(out)
@@ -122,10 +130,14 @@ def train(
             train_cdae(pretrain, stack, cdae, out, dev)
         elif method == "single-dae":
             train_single_dae(stack, cdae, out, dev)
+        elif method == "drvae":
+            result = train_drvae(stack, drvae, out, dev)
         else:
             train_dncnn(pretrain, dncnn, out, dev)
         metrics: dict = {"method": method, "train_seconds": time.perf_counter() - t0, "device": str(dev)}
-        if stack is not None:
+        if method == "drvae":
+            metrics.update(drvae_metrics(result, stack, dev))
+        elif stack is not None:
             metrics["target"] = str(target)
             if stack.has_column(CLEAN_COLUMN):
                 metrics.update(truth_metrics(load_model(out, dev), stack, dev, cdae))
@@ -165,6 +177,11 @@ def apply(
 
     def stream():
         with bar(len(stack), "denoise") as pbar:
+            if record["method"] == "drvae":  # in the input's units (phase-flipped with CTF columns)
+                for start, chunk in denoised_stream(model, stack, dev, batch_size):
+                    yield start, chunk
+                    pbar.update(len(chunk))
+                return
             for start, chunk in stack.chunks(APPLY_CHUNK):
                 yield start, denoise_images(model, chunk, batch_size, dev, equalize, precision)
                 pbar.update(len(chunk))
