@@ -9,12 +9,16 @@
             known-pose timing (10,000 64² particles; 2,000 with --quick) against
             core.projection.reconstruct and cryoDRGN's backproject_voxel when the cryodrgn
             command is installed (pip install cryodrgn; optional, GPL-3)
+  drvae     DRVAE + BSK-means++ against low-pass/PCA k-means, align-kmeans, BSK on raw images,
+            RELION Class2D (when relion_refine is on the PATH) and the oracle: F1, accuracy, NMI,
+            class-size ratio, time, over views / in-plane+shift / CTF / conformation settings
 
 example:
   cryoprior bench io --n 100000 --box 128 --out bench_io.json
   cryoprior bench simulate --n 10000 --box 128 --out bench_sim.json
   cryoprior bench cdae --quick --out bench_cdae.json
   cryoprior bench red --quick --out bench_red.json
+  cryoprior bench drvae --quick --out bench_drvae.json
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
     # cdae: --n = test images per view; tables (bench_cdae.md/.json) go to out_dir
     "cdae": ("bench_cdae", {"n": 1000, "box": 64, "quick": False, "out_dir": "bench_cdae"},
              {"n": 150, "box": 64, "quick": True, "out_dir": "bench_cdae_quick"}),
+    # drvae: --n = particles per stack; tables (bench_drvae.md/.json) go to out_dir
+    "drvae": ("cryoprior.bench.drvae", {"n": 2000, "box": 64, "quick": False, "out_dir": "bench_drvae"},
+              {"n": 400, "box": 64, "quick": True, "out_dir": "bench_drvae_quick"}),
 }
 
 
@@ -54,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
         kwargs["n"] = args.n
     if args.box is not None:
         kwargs["box"] = args.box
-    module = importlib.import_module(f"cryoprior.workflows.{module_name}")
+    module = importlib.import_module(module_name if "." in module_name else f"cryoprior.workflows.{module_name}")
     result = {"bench": args.which, **module.run(**kwargs)}
     text = json.dumps(result, indent=2)
     if args.out:
