@@ -244,3 +244,19 @@ def test_bad_inputs_one_line_no_output(sim, tmp_path, capsys, case):
     assert rc == 2 and len(err.splitlines()) == 1
     assert not run.exists()
     assert not list(tmp_path.glob(".out*"))
+
+
+def test_relion_class2d_command_and_skip(monkeypatch):
+    from cryoprior.bench import relion_class2d
+
+    cmd = relion_class2d.class2d_command("p.star", "out/run", 4, 25, 120.0, True, 3)
+    joined = " ".join(cmd)
+    assert cmd[0] == "relion_refine" and "--K 4" in joined and "--iter 25" in joined and "--ctf" in cmd
+    assert "--offset_range 3" in joined and "--psi_step 10" in joined
+    assert "--ctf" not in relion_class2d.class2d_command("p.star", "out/run", 4, 25, 120.0, False, 3)
+    assert relion_class2d.class2d_command("p.star", "o/r", 2, 5, 90.0, False, 3, mpi=3)[:6] == [
+        "mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3", "relion_refine_mpi"]
+    monkeypatch.setattr(relion_class2d.shutil, "which", lambda name: None)
+    assert "not on the PATH" in relion_class2d.available()
+    with pytest.raises(Exception, match="not on the PATH"):
+        relion_class2d.run_class2d(None, 2, "unused")
