@@ -18,6 +18,9 @@
             cryoprior relion-external (gaussian, red, cw-red) on held-out simulated stacks:
             reported and true resolution, iterations, wall time; and cryoprior reconstruct vs
             relion_reconstruct at known poses (needs relion_refine_mpi, mpirun)
+  drvae     DRVAE + BSK-means++ against low-pass/PCA k-means, align-kmeans, BSK on raw images,
+            RELION Class2D (when relion_refine is on the PATH) and the oracle: F1, accuracy, NMI,
+            class-size ratio, time, over views / in-plane+shift / CTF / conformation settings
 
 example:
   cryoprior bench startup
@@ -27,6 +30,7 @@ example:
   cryoprior bench red --quick --out bench_red.json
   cryoprior bench gan --quick --out bench_gan.json
   cryoprior bench relion --quick --out bench_relion.json
+  cryoprior bench drvae --quick --out bench_drvae.json
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
              {"n": 150, "box": 64, "quick": True, "out_dir": "bench_cdae_quick"}),
     # gan: --n = training pairs, --box the image size; tables (bench_gan.md/.json) go to out_dir
     "gan": ("gan", {"quick": False, "out_dir": "bench_gan"}, {"quick": True, "out_dir": "bench_gan_quick"}),
+    # drvae: --n = particles per stack; tables (bench_drvae.md/.json) go to out_dir
+    "drvae": ("drvae", {"n": 2000, "box": 64, "quick": False, "out_dir": "bench_drvae"},
+              {"n": 400, "box": 64, "quick": True, "out_dir": "bench_drvae_quick"}),
 }
 
 

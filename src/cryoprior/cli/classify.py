@@ -4,7 +4,9 @@ Images are normalised per image (zero mean, unit variance), then clustered on th
 (kmeans, hc = Ward, bsk = balanced sizes), up to in-plane rotation and --max-shift translation
 (align-kmeans: poses in cpInplaneAngleDeg, cpAlignShiftXPx/YPx; averages of the aligned images), on an embedding (pca-kmeans, isomap-kmeans,
 cae-kmeans) or after CDAE denoising (cdae-kmeans, cdae-hc, cdae-align-kmeans: --model RUN_DIR, or
-trained here from data simulated from --pretrain-structure). Writes OUT/particles.star (input rows
+trained here from data simulated from --pretrain-structure), or by drvae-bsk (DRVAE + BSK-means++:
+a variational ResNet autoencoder trained on the stack itself, in rounds with balanced clustering;
+its run goes to OUT/drvae/, or to --model RUN_DIR, where a rerun resumes it). Writes OUT/particles.star (input rows
 + rlnClassNumber, class 1 the largest), class_averages.mrcs/.star (raw-image averages), config.yaml, and
 metrics.json (F1, accuracy, NMI, ARI) when the input carries cpViewLabel/cpConformationLabel.
 
@@ -13,6 +15,7 @@ example:
   cryoprior classify particles.star --classes 10 --method cdae-kmeans --model cdae_run/ --out c10/
   cryoprior classify particles.star --classes 4 --method cdae-hc --pretrain-structure 1ake --out c4/
   cryoprior classify particles.star --classes 20 --method align-kmeans --max-shift 3 --out c20/
+  cryoprior classify particles.star --classes 4 --method drvae-bsk --out c4_drvae/
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import sys
 
 from cryoprior.config import add_config_args, config_from_args
 from cryoprior.io.star import OpticsFlags
+from cryoprior.nn.drvae import DRVAEConfig
 from cryoprior.workflows.classify import ClassifyConfig, run_classify
+
+DRVAE_SHARED = ("classes", "seed", "max_shift_px")  # taken from the classify flags
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -34,12 +40,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     add_config_args(parser, ClassifyConfig, skip=("classes",))
     add_config_args(parser.add_argument_group("optics the input lacks"), OpticsFlags)
+    add_config_args(parser.add_argument_group("drvae-bsk"), DRVAEConfig, skip=DRVAE_SHARED)
     parser.add_argument("--out", required=True, help="output folder (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def main(args: argparse.Namespace) -> int:
-    config = config_from_args(ClassifyConfig, args)
+    drvae = None
+    if args.method == "drvae-bsk":
+        drvae = config_from_args(DRVAEConfig, args, classes=args.classes, seed=args.seed, max_shift_px=args.max_shift_px)
+    config = config_from_args(ClassifyConfig, args, drvae=drvae)
     result = run_classify(args.input, args.out, config, argv=sys.argv, overwrite=args.overwrite,
                           optics=config_from_args(OpticsFlags, args))
     sizes = ", ".join(str(s) for s in result["class_sizes"])

@@ -1,14 +1,17 @@
-"""Train a particle-image denoiser (CDAE, single DAE, DnCNN, robust GAN) or apply a trained one.
+"""Train a particle-image denoiser (CDAE, single DAE, DnCNN, robust GAN, DRVAE) or apply a trained one.
 
   train  --method cdae: pre-train a cascade of 3 denoising autoencoders on simulated SNR pairs
          (--pretrain, from `cryoprior simulate --snr-levels 0.1 0.4 0.6 inf`), then fine-tune
          it on --target towards k-NN means (no clean images needed);
          --method single-dae: one autoencoder, no pre-training (the paper's ablation);
-         --method dncnn: DnCNN trained on the --pretrain pairs (SNR 0.1 -> clean), a baseline.
+         --method dncnn: DnCNN trained on the --pretrain pairs (SNR 0.1 -> clean), a baseline;
          --method gan: robust GAN, a ResNet autoencoder + (alpha,beta)-GAN / WGAN-GP / no GAN
          (--gan none: the lp autoencoder) + lambda * lp loss, trained on (noisy, reference) pairs
          from --pairs SIM_DIR or from --reference-map MAP.mrc and --target's poses and CTF;
-         output in the references' intensity units.
+         output in the references' intensity units;
+         --method drvae: DRVAE + BSK-means++ on --target alone (--classes K): a variational
+         ResNet autoencoder, rounds of balanced clustering and class-average pseudo-targets;
+         also writes labels (rounds/), curves.json; apply gives the input's units.
          Writes RUN_DIR: model.pt, checkpoints/, config.yaml, losses.json/.png, metrics.json.
          --resume continues an interrupted run from its last checkpoints.
   apply  denoise a stack: OUT/denoised.mrcs and OUT/particles.star pointing at it; the images
@@ -22,6 +25,7 @@ example:
   cryoprior denoise apply --model run_cdae particles.star --out denoised/
   cryoprior denoise train --method gan --gan beta --alpha 0.5 --beta 0.5 --recon-loss l1 --lambda 10 \\
       --reference-map run_class001.mrc --target particles.star --out run_gan
+  cryoprior denoise train --method drvae --target particles.star --classes 4 --out run_drvae
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from cryoprior.io.star import OpticsFlags
 from cryoprior.nn.cdae import CDAEConfig
 from cryoprior.nn.denoiser import PRECISIONS
 from cryoprior.nn.dncnn import SHARED_FIELDS, DnCNNConfig
+from cryoprior.nn.drvae import DRVAEConfig
 from cryoprior.nn.gan import GANConfig
 from cryoprior.nn.training import DEVICES
 from cryoprior.workflows import denoise as pipeline
@@ -60,6 +65,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     gan.add_argument("--reference-map", metavar="MAP.mrc", help="consensus map: references are its projections "
                      "at the --target particles' poses with their CTF")
     add_config_args(gan, GANConfig, skip=("seed",))
+    add_config_args(train.add_argument_group("DRVAE"), DRVAEConfig, skip=("seed",))
 
     apply = sub.add_parser("apply", help="denoise a particle stack with a trained model", formatter_class=fmt,
                            description=__doc__)
@@ -83,6 +89,7 @@ def main(args: argparse.Namespace) -> int:
         metrics = pipeline.train(
             args.method, args.out, pretrain=args.pretrain, target=args.target,
             cdae=config_from_args(CDAEConfig, args), dncnn=config_from_args(DnCNNConfig, args),
+            drvae=config_from_args(DRVAEConfig, args),
             device=args.device, resume=args.resume, overwrite=args.overwrite,
             optics=config_from_args(OpticsFlags, args),
             gan=config_from_args(GANConfig, args), pairs=args.pairs, reference_map=args.reference_map,

@@ -38,7 +38,7 @@ SUMMARIES: dict[str, str] = {
     "info": "Describe a particle stack: count, box, pixel size, stacks, optics groups, truth labels and SNR.",
     "demo": "Run the main job on the default data: simulate, denoise, classify, reconstruct, report.",
     "bench": "Benchmarks (JSON out): speed and memory figures as ratios against a baseline in the same run.",
-    "denoise": "Train a particle-image denoiser (CDAE, single DAE, DnCNN, robust GAN) or apply a trained one.",
+    "denoise": "Train a particle-image denoiser (CDAE, single DAE, DnCNN, robust GAN, DRVAE) or apply a trained one.",
     "reconstruct": "Gold-standard 3D reconstruction with a Gaussian, RED or CW-RED prior (Kimanius et al. 2020).",
     "relion-external": "Reconstruct for RELION (``--external_reconstruct``) with a Gaussian, RED or CW-RED prior.",
     "report": "Write a self-contained HTML report (figures embedded) for a run folder.",

@@ -27,6 +27,7 @@ from cryoprior.fileutil import atomic_path
 from cryoprior.nn.cdae_ops import as_images, histogram_equalize, normalize
 from cryoprior.nn.models.cdae import CDAECascade, ConvAEBlock
 from cryoprior.nn.models.dncnn import DnCNN
+from cryoprior.nn.models.drvae import DRVAEDenoiser
 from cryoprior.nn.models.resnet import ResNetAutoencoder, ResNetConfig
 from cryoprior.nn.training import resolve_device
 
@@ -36,7 +37,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 UNITS = ("input", "normalised")
 
 #: arch kind -> constructor
-ARCHS: dict[str, type[nn.Module]] = {"cdae": CDAECascade, "dae": ConvAEBlock, "dncnn": DnCNN}
+ARCHS: dict[str, type[nn.Module]] = {"cdae": CDAECascade, "dae": ConvAEBlock, "dncnn": DnCNN, "drvae": DRVAEDenoiser}
 ARCHS["resnet-ae"] = lambda **kw: ResNetAutoencoder(ResNetConfig(**kw))  # the robust-GAN generator
 
 

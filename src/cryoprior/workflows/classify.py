@@ -18,7 +18,14 @@ classes follow the shape of the signal, not its scale. Then, by ``method``:
   trained one (``model``, a run folder) or one trained here (kept in ``cdae/``) on data simulated
   from ``pretrain_structure``: 4 views at the SNR ladder of ``CDAEConfig.pretrain_snrs`` (0.1,
   0.4, 0.6, clean), the input's box and pixel size, and a seed of its own (``seed + 104729``),
-  so that a simulated input is never its own training data (the 4 views differ from its views).
+  so that a simulated input is never its own training data (the 4 views differ from its views);
+- ``drvae-bsk``: DRVAE + BSK-means++ (``nn.drvae``): a variational ResNet autoencoder trained on
+  the stack alone (phase-flipped by its CTF when the STAR has CTF columns), rounds of balanced
+  clustering of its denoised images and training towards the class averages of the reliable
+  particles. The run (checkpoints, rounds, ``curves.json``, ``model.pt``) is kept in ``drvae/``,
+  or in ``model`` when given (a rerun there resumes it); ``class_averages_denoised.mrcs`` and
+  ``drvae/denoised.mrcs`` (the denoised stack, in the input's units) are written too, and the
+  class averages are CTF-corrected (Wiener) when the STAR has CTF columns.
 
 The output folder holds ``particles.star`` (the input's rows and columns, image names pointing at
 the input's stacks, plus ``rlnClassNumber`` 1..K with class 1 the largest), ``class_averages.mrcs``
@@ -43,7 +50,11 @@ import torch
 
 from cryoprior.classical.cluster import align_kmeans, class_sums, cluster
 from cryoprior.classical.cluster.align import to_class_frame
-from cryoprior.classical.cluster.averages import averages_from_sums
+from cryoprior.classical.cluster.averages import (
+    averages_from_sums,
+    ctf_class_sums,
+    wiener_averages_from_sums,
+)
 from cryoprior.config import write_run_config
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores
@@ -52,12 +63,13 @@ from cryoprior.fileutil import atomic_dir, output_folder
 from cryoprior.io.mrc import write_mrcs
 from cryoprior.io.stack import ParticleStack
 from cryoprior.io.star import OpticsFlags, resolve_image_names, write_star
+from cryoprior.nn.drvae import DRVAEConfig
 from cryoprior.nn.training import resolve_device
 
 log = logging.getLogger(__name__)
 
 METHODS = ("kmeans", "hc", "pca-kmeans", "isomap-kmeans", "bsk", "align-kmeans", "cae-kmeans", "cdae-kmeans",
-           "cdae-hc", "cdae-align-kmeans")
+           "cdae-hc", "cdae-align-kmeans", "drvae-bsk")
 # align-kmeans: an image is its class average rotated by the angle, then moved by the shift
 ALIGN_COLUMNS = ("cpInplaneAngleDeg", "cpAlignShiftXPx", "cpAlignShiftYPx")
 TRUTH_COLUMNS = ("cpViewLabel", "cpConformationLabel")
@@ -94,15 +106,18 @@ class ClassifyConfig:
     cae_epochs: int = field(default=30, metadata={"help": "CAE training epochs (cae-kmeans)"})
     pretrain_n: int = field(default=2000, metadata={"help": "simulated particles for CDAE pre-training"})
     batch_size: int = field(default=256, metadata={"help": "images per batch on the device"})
+    drvae: DRVAEConfig | None = field(default=None, metadata={"cli": False})  # drvae-bsk; classes, seed, max shift from here
 
     def validate(self) -> None:
         if self.classes < 1:
             raise InputError(f"--classes must be >= 1, got {self.classes}")
         if self.method not in METHODS:
             raise InputError(f"unknown --method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.drvae is not None:
+            self.drvae.validate()
         if self.method.startswith("cdae-") and self.model is None and self.pretrain_structure is None:
             raise InputError(f"--method {self.method} needs --model RUN_DIR or --pretrain-structure FILE")
-        if self.model is not None and not Path(self.model).is_dir():
+        if self.model is not None and not Path(self.model).is_dir() and self.method != "drvae-bsk":
             raise InputError("CDAE run folder not found", self.model)
         counts = {
             "--batch-size": self.batch_size, "--pretrain-n": self.pretrain_n, "--pca-components": self.pca_components,
@@ -181,6 +196,10 @@ def classify_images(
     ``stack`` and ``work`` (a folder for the CDAE run) are needed by ``cdae-*`` without a model.
     """
     k, method, seed = config.classes, config.method, config.seed
+    if method == "drvae-bsk":
+        if stack is None or work is None:
+            raise ValueError("drvae-bsk needs the stack and a work folder")
+        return _drvae_bsk(stack, config, device, work)
     if method.startswith("cdae-"):
         if config.model is None and (stack is None or work is None):
             raise ValueError("cdae-* without a model needs the stack and a work folder")
@@ -206,6 +225,40 @@ def classify_images(
     return order_by_size(labels, k), pose
 
 
+def drvae_config(config: ClassifyConfig) -> DRVAEConfig:
+    """The DRVAE settings of a ``drvae-bsk`` run (K, seed and max shift from ``config``)."""
+    import dataclasses
+
+    return dataclasses.replace(config.drvae or DRVAEConfig(), classes=config.classes, seed=config.seed,
+                               max_shift_px=config.max_shift_px)
+
+
+def _drvae_bsk(stack: ParticleStack, config: ClassifyConfig, device, work: Path
+               ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """Labels and poses of ``drvae-bsk``; writes the denoised stack and averages and the round curves."""
+    from cryoprior.nn.drvae import denoised_stream, train_drvae
+
+    cfg = drvae_config(config)
+    run = Path(config.model) if config.model is not None else work / "drvae"
+    result = train_drvae(stack, cfg, run, device)
+    labels = order_by_size(result.labels, cfg.classes)
+    pose = (result.angles, np.rint(result.shifts).astype(np.int64)) if cfg.align else None
+    sums, counts = np.zeros((cfg.classes, stack.box, stack.box)), np.zeros(cfg.classes, dtype=np.int64)
+    images = []
+    for start, den in denoised_stream(result.vae, stack, device, config.batch_size):
+        images.append(den)
+        part = slice(start, start + len(den))
+        if pose is not None:
+            den = to_class_frame(den, pose[0][part], pose[1][part]).numpy()
+        s, c = class_sums(den, labels[part], cfg.classes)
+        sums, counts = sums + s, counts + c
+    (work / "drvae").mkdir(exist_ok=True)
+    write_mrcs(work / "drvae" / "denoised.mrcs", np.concatenate(images), stack.pixel_size_a)
+    write_mrcs(work / "class_averages_denoised.mrcs", averages_from_sums(sums, counts), stack.pixel_size_a)
+    (work / "rounds.json").write_text(json.dumps(result.curves, indent=2))
+    return labels, pose
+
+
 def rebased_table(stack: ParticleStack, new_dir: Path) -> pd.DataFrame:
     """The stack's table with every ``*ImageName*`` column rewritten relative to ``new_dir``."""
     table = stack.table.copy()
@@ -224,7 +277,7 @@ def rebased_table(stack: ParticleStack, new_dir: Path) -> pd.DataFrame:
 
 
 def _write_outputs(tmp: Path, out: Path, stack: ParticleStack, labels: np.ndarray, k: int,
-                   pose: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
+                   pose: tuple[np.ndarray, np.ndarray] | None = None, wiener: bool = False) -> list[int]:
     table = rebased_table(stack, out.absolute())
     table["rlnClassNumber"] = labels + 1
     table = table.drop(columns=[c for c in ALIGN_COLUMNS if c in table.columns])  # poses of an earlier run
@@ -233,15 +286,19 @@ def _write_outputs(tmp: Path, out: Path, stack: ParticleStack, labels: np.ndarra
         table[ALIGN_COLUMNS[0]] = np.round(np.rad2deg(angles), 3)
         table[ALIGN_COLUMNS[1]], table[ALIGN_COLUMNS[2]] = shifts[:, 0], shifts[:, 1]
     write_star(tmp / "particles.star", table, stack.optics, pixel_size_a=stack.pixel_size_a, box=stack.box)
-    sums = np.zeros((k, stack.box, stack.box))
-    counts = np.zeros(k, dtype=np.int64)
-    for start, raw in stack.chunks(4096):
-        if pose is not None:  # moved and rotated back into their class average's frame
-            part = slice(start, start + len(raw))
-            raw = to_class_frame(raw, pose[0][part], pose[1][part]).numpy()
-        s, c = class_sums(raw, labels[start : start + len(raw)], k)
-        sums, counts = sums + s, counts + c
-    write_mrcs(tmp / "class_averages.mrcs", averages_from_sums(sums, counts), stack.pixel_size_a)
+    if wiener and stack.has_column("rlnDefocusU"):
+        averages, counts = _wiener_averages(stack, labels, k, pose)
+    else:
+        sums = np.zeros((k, stack.box, stack.box))
+        counts = np.zeros(k, dtype=np.int64)
+        for start, raw in stack.chunks(4096):
+            if pose is not None:  # moved and rotated back into their class average's frame
+                part = slice(start, start + len(raw))
+                raw = to_class_frame(raw, pose[0][part], pose[1][part]).numpy()
+            s, c = class_sums(raw, labels[start : start + len(raw)], k)
+            sums, counts = sums + s, counts + c
+        averages = averages_from_sums(sums, counts)
+    write_mrcs(tmp / "class_averages.mrcs", averages, stack.pixel_size_a)
     classes = pd.DataFrame({
         "rlnImageName": [f"{j:06d}@class_averages.mrcs" for j in range(1, k + 1)],
         "rlnClassNumber": np.arange(1, k + 1),
@@ -250,6 +307,28 @@ def _write_outputs(tmp: Path, out: Path, stack: ParticleStack, labels: np.ndarra
     })
     write_star(tmp / "class_averages.star", classes, pixel_size_a=stack.pixel_size_a, box=stack.box)
     return counts.tolist()
+
+
+def _wiener_averages(stack: ParticleStack, labels: np.ndarray, k: int,
+                     pose: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    """CTF-corrected (Wiener) class averages ``(k, d, d)`` of the raw images and the class sizes.
+    With poses the phase-flipped images are moved into their class's frame; the CTF weights are
+    not rotated with them (astigmatism is neglected there)."""
+    from cryoprior.core.ctf import phase_flip
+    from cryoprior.io.relion import ctf_from_star
+
+    num = np.zeros((k, stack.box, stack.box), dtype=np.complex128)
+    den = np.zeros((k, stack.box, stack.box))
+    for start, raw in stack.chunks(4096):
+        part = slice(start, start + len(raw))
+        ctf = ctf_from_star(stack, np.arange(part.start, part.stop))
+        flipped = phase_flip(torch.as_tensor(raw, dtype=torch.float32), ctf)
+        if pose is not None:
+            flipped = to_class_frame(flipped, pose[0][part], pose[1][part])
+        a, b = ctf_class_sums(flipped.numpy(), ctf.numpy(), labels[part], k, flipped=True)
+        num, den = num + a, den + b
+    counts = np.bincount(labels, minlength=k)
+    return wiener_averages_from_sums(num, den, counts), counts
 
 
 def run_classify(
@@ -285,7 +364,7 @@ def _run_classify(stack: ParticleStack, in_path, out: Path, config: ClassifyConf
         images = normalized_images(stack, config.mask_radius_px)
         labels, pose = classify_images(images, config, device, stack, tmp)
         del images
-        sizes = _write_outputs(tmp, out, stack, labels, config.classes, pose)
+        sizes = _write_outputs(tmp, out, stack, labels, config.classes, pose, wiener=config.method == "drvae-bsk")
         seconds = round(time.perf_counter() - t0, 2)
         metrics = None
         if truth is not None:

@@ -25,6 +25,13 @@ from cryoprior.nn.cdae import CDAEConfig, train_cdae, train_single_dae
 from cryoprior.nn.cdae_ops import check_levels, histogram_equalize, psnr_normalised
 from cryoprior.nn.denoiser import denoise_images, load_model, read_model_file, resolved_precision
 from cryoprior.nn.dncnn import DnCNNConfig, train_dncnn
+from cryoprior.nn.drvae import (
+    DRVAEConfig,
+    check_stack_images,
+    denoised_stream,
+    drvae_metrics,
+    train_drvae,
+)
 from cryoprior.nn.gan import GANConfig
 from cryoprior.nn.training import resolve_device
 from cryoprior.progress import bar
@@ -33,7 +40,7 @@ from cryoprior.workflows.runs import RunDir, run_folder
 
 log = logging.getLogger(__name__)
 
-METHODS = ("cdae", "single-dae", "dncnn", "gan")
+METHODS = ("cdae", "single-dae", "dncnn", "gan", "drvae")
 CLEAN_COLUMN = "cpCleanImageName"
 APPLY_CHUNK = 4096  # images per chunk streamed through the network
 
@@ -50,7 +57,7 @@ def _check_inputs(method: str, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNC
     """Validate everything (nothing is written); returns the opened target stack."""
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    needs_pretrain, needs_target = method in ("cdae", "dncnn"), method in ("cdae", "single-dae")
+    needs_pretrain, needs_target = method in ("cdae", "dncnn"), method in ("cdae", "single-dae", "drvae")
     if needs_pretrain and pretrain is None:
         raise InputError(f"--method {method} needs --pretrain SIM_DIR (simulated SNR pairs)")
     if needs_target and target is None:
@@ -134,6 +141,7 @@ def train(
     target: str | Path | None = None,
     cdae: CDAEConfig | None = None,
     dncnn: DnCNNConfig | None = None,
+    drvae: DRVAEConfig | None = None,
     device: str = "auto",
     resume: bool = False,
     overwrite: bool = False,
@@ -158,14 +166,21 @@ def train(
     else:
         stack = _check_inputs(method, pretrain, target, cdae, dncnn, optics)
         inputs = [pretrain, target, *(stack.stack_paths if stack is not None else [])]
+        if method == "drvae":
+            drvae = drvae or DRVAEConfig()
+            drvae.validate()
+            if drvae.classes > len(stack):
+                raise InputError(f"--classes {drvae.classes} is more than the {len(stack)} particles", target)
+            check_stack_images(stack)
     dev = resolve_device(device)
     with run_folder(out, [p for p in inputs if p is not None]):
-        _prepare_out(out, method, resume, overwrite, {"cdae": cdae, "single-dae": cdae, "dncnn": dncnn}.get(method, gan))
+        _prepare_out(out, method, resume, overwrite,
+                     {"cdae": cdae, "single-dae": cdae, "dncnn": dncnn, "drvae": drvae}.get(method, gan))
         if method == "gan":
             source = {"pairs": None if pairs is None else str(pairs), "reference_map": None if reference_map is None
                       else str(reference_map), "target": None if target is None else str(target)}
             return _train_gan(out, gan_inputs, gan, dev, source)
-        return _train(method, out, stack, pretrain, target, cdae, dncnn, dev)
+        return _train(method, out, stack, pretrain, target, cdae, dncnn, dev, drvae)
 
 
 def _train_gan(out: Path, gan_inputs, gan: GANConfig, dev, source: dict) -> dict:
@@ -179,7 +194,8 @@ def _train_gan(out: Path, gan_inputs, gan: GANConfig, dev, source: dict) -> dict
     return metrics
 
 
-def _train(method, out: Path, stack, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNConfig, dev) -> dict:
+def _train(method, out: Path, stack, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNConfig, dev,
+           drvae: DRVAEConfig | None = None) -> dict:
     run = RunDir(out)
     run.attach_log()
     try:
@@ -188,12 +204,16 @@ def _train(method, out: Path, stack, pretrain, target, cdae: CDAEConfig, dncnn: 
             train_cdae(pretrain, stack, cdae, out, dev)
         elif method == "single-dae":
             train_single_dae(stack, cdae, out, dev)
+        elif method == "drvae":
+            result = train_drvae(stack, drvae, out, dev)
         else:
             train_dncnn(pretrain, dncnn, out, dev)
         # the precision truth_metrics runs at, as it resolves on this machine (auto may be bf16)
         metrics: dict = {"method": method, "train_seconds": time.perf_counter() - t0, "device": str(dev),
                          "inference_precision": resolved_precision(cdae.precision, dev)}
-        if stack is not None:
+        if method == "drvae":
+            metrics.update(drvae_metrics(result, stack, dev))
+        elif stack is not None:
             metrics["target"] = str(target)
             if stack.has_column(CLEAN_COLUMN):
                 metrics.update(truth_metrics(load_model(out, dev), stack, dev, cdae))
@@ -248,6 +268,11 @@ def _apply(model, record, model_dir, stack, in_path, out, batch_size, equalize, 
 
     def stream():
         with bar(len(stack), "denoise") as pbar:
+            if record["method"] == "drvae":  # in the input's units (phase-flipped with CTF columns)
+                for start, chunk in denoised_stream(model, stack, dev, batch_size):
+                    yield start, chunk
+                    pbar.update(len(chunk))
+                return
             for start, chunk in stack.chunks(APPLY_CHUNK):
                 if scaled:
                     yield start, denoise_gan.denoise_with(model, record, chunk, in_scale, batch_size, dev, precision)

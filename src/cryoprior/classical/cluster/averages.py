@@ -47,3 +47,43 @@ def class_averages(images, labels, k: int) -> np.ndarray:
     An empty class gives a zero image.
     """
     return averages_from_sums(*class_sums(images, labels, k))
+
+
+def ctf_class_sums(images, ctfs, labels, k: int, flipped: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class Wiener numerators and denominators of images ``(n, d, d)`` with their centred
+    CTFs ``(n, d, d)`` (``core.ctf.ctf_2d``): ``(sum F(x)·ctf (k, d, d) complex128, sum ctf² (k, d, d))``.
+
+    ``flipped``: the images are already phase-flipped (``core.ctf.phase_flip``), so ``F(x)·|ctf|``
+    is summed (the same thing for the unflipped image).
+    """
+    import torch
+
+    from cryoprior.core.fft import fft2c
+
+    images, labels = _check(images, labels, k)
+    ctfs = np.asarray(ctfs)
+    if ctfs.shape != images.shape:
+        raise ValueError(f"ctfs must match the images: ctfs.shape = {ctfs.shape} vs images.shape = {images.shape}")
+    f = fft2c(torch.as_tensor(images, dtype=torch.float64)).numpy()
+    c = np.abs(ctfs) if flipped else ctfs
+    n, h, w = images.shape
+    onehot = sparse.csr_matrix((np.ones(n), (labels, np.arange(n))), shape=(k, n))  # (k, n)
+    num = onehot @ (f * c).reshape(n, h * w)
+    den = onehot @ (ctfs.astype(np.float64) ** 2).reshape(n, h * w)
+    return np.asarray(num).reshape(k, h, w), np.asarray(den).reshape(k, h, w)
+
+
+def wiener_averages_from_sums(num: np.ndarray, den: np.ndarray, counts: np.ndarray,
+                              wiener_constant: float = 0.1) -> np.ndarray:
+    """CTF-corrected class averages ``(k, d, d)`` float32: ``F⁻¹[sum F(x)·ctf / (sum ctf² + c·n_j)]``
+    with a flat regulariser ``c = wiener_constant`` per image (RELION uses the class's spectral
+    SNR instead). Without a CTF (ctf ≡ 1) this is the plain mean divided by ``1 + c``."""
+    import torch
+
+    from cryoprior.core.fft import ifft2c
+
+    if wiener_constant <= 0:
+        raise ValueError(f"wiener_constant must be positive, got {wiener_constant}")
+    reg = wiener_constant * np.maximum(counts, 1).astype(np.float64)[:, None, None]
+    f = torch.as_tensor(num / (den + reg))
+    return ifft2c(f).real.numpy().astype(np.float32)

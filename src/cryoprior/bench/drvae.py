@@ -1,0 +1,204 @@
+"""``cryoprior bench drvae``: DRVAE + BSK-means++ against the classification baselines and RELION.
+
+One grid for every classification method. Settings (``SETTINGS``): four discrete views at SNR
+0.1/0.05/0.01; the same with random in-plane angles and ±3 px shifts; uniform orientations with
+CTF, the truth being the nearest of K=4 reference viewing directions; a conformational mix
+(1ake/4ake, one view, SNR 0.05), balanced and 70/30. Structures: ``TESTS`` (1h4a, 1or4, 1pwc);
+DRVAE's defaults were chosen on ``DEV_STRUCTURE`` (3q4o), which the grid does not use.
+
+Rows: ``drvae-bsk`` (its defaults; with in-plane angles ``--align --max-shift 3``), low-pass +
+k-means, PCA + k-means, ``align-kmeans`` (±3 px), BSK-means++ on the raw images,
+``relion-class2d`` (when ``relion_refine`` is on the PATH) and the oracle (k-means, or
+align-kmeans with in-plane angles, on the clean images). CDAE rows are in ``bench cdae``, on a
+grid of its own (its pre-training would double the time); they are not repeated here.
+Columns: F1, accuracy, NMI, smallest/largest class size ratio, seconds; for drvae-bsk and RELION
+also the correlation of each class average with its matched true view (best over in-plane angles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryoprior import classical
+from cryoprior.classical.cluster import align_kmeans, class_averages, cluster
+from cryoprior.core.filters import normalize_images
+from cryoprior.core.metrics import classification_scores, match_labels
+from cryoprior.core.rotations import rotate_images
+from cryoprior.fileutil import atomic_path
+from cryoprior.io.stack import ParticleStack
+from cryoprior.nn.drvae import DRVAEConfig, train_drvae
+from cryoprior.progress import progress
+from cryoprior.sim.dataset import SimulationConfig, discrete_view_rotations, simulate_dataset
+from cryoprior.sim.structures import recommended_pixel_size_a
+
+from . import relion_class2d
+
+DEV_STRUCTURE = "3q4o"
+TESTS = ("1h4a", "1or4", "1pwc")
+CONFORMATIONS = ("1ake", "4ake")
+K_VIEWS = 4
+MAX_SHIFT_PX = 3
+#: name -> (SNR, kind); kind: views | inplane | ctf | conf | conf-70-30
+SETTINGS: dict[str, tuple[float, str]] = {
+    "views-snr0.1": (0.1, "views"),
+    "views-snr0.05": (0.05, "views"),
+    "views-snr0.01": (0.01, "views"),
+    "inplane-snr0.1": (0.1, "inplane"),
+    "inplane-snr0.05": (0.05, "inplane"),
+    "inplane-snr0.01": (0.01, "inplane"),
+    "ctf-uniform-snr0.05": (0.05, "ctf"),
+    "conformations-snr0.05": (0.05, "conf"),
+    "conformations-70-30-snr0.05": (0.05, "conf-70-30"),
+}
+QUICK_SETTINGS = ("views-snr0.05", "views-snr0.01", "inplane-snr0.05", "conformations-70-30-snr0.05")
+
+
+def _simulate(setting: str, structure: str, n: int, box: int, seed: int, out: Path) -> tuple[ParticleStack, np.ndarray, int]:
+    """The stack, its truth labels and K."""
+    snr, kind = SETTINGS[setting]
+    structures = list(CONFORMATIONS) if kind.startswith("conf") else [structure]
+    pixel = max(recommended_pixel_size_a(s, 64) for s in structures) * 64 / box
+    cfg = SimulationConfig(structures=structures, box=box, pixel_size_a=pixel, n=n, snr=snr, seed=seed,
+                           views=1 if kind.startswith("conf") else (None if kind == "ctf" else K_VIEWS),
+                           inplane=kind == "inplane", shift_a=MAX_SHIFT_PX * pixel if kind == "inplane" else 0.0,
+                           ctf=kind == "ctf")
+    simulate_dataset(cfg, out)
+    stack = ParticleStack.from_file(out / "particles.star")
+    if kind.startswith("conf"):
+        labels = stack.column("cpConformationLabel").astype(np.int64)
+        if kind == "conf-70-30":  # keep all of conformation 0 and 3/7 as many of conformation 1
+            first, second = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+            keep = np.sort(np.concatenate([first, second[: int(len(first) * 3 / 7)]]))
+            stack, labels = stack.subset(keep), labels[keep]
+        return stack, labels, 2
+    if kind == "ctf":  # the nearest of K reference viewing directions
+        from cryoprior.io.relion import poses_from_star
+
+        rots, _ = poses_from_star(stack, np.arange(len(stack)))
+        dirs = rots[:, 2, :].double()  # (n, 3) viewing directions
+        ref = discrete_view_rotations(K_VIEWS, seed)[:, 2, :]
+        return stack, (dirs @ ref.T).argmax(1).numpy().astype(np.int64), K_VIEWS
+    return stack, stack.column("cpViewLabel").astype(np.int64), K_VIEWS
+
+
+def _rot_corr(a: np.ndarray, b: np.ndarray, n_angles: int = 36) -> float:
+    """Largest correlation of image ``b`` with ``a`` over in-plane rotations of ``b``."""
+    angles = torch.arange(n_angles, dtype=torch.float32) * (2 * math.pi / n_angles)
+    rb = rotate_images(torch.as_tensor(b)[None, None].expand(n_angles, 1, *b.shape).contiguous(), angles)[:, 0]
+    return max(float(np.corrcoef(a.ravel(), r.numpy().ravel())[0, 1]) for r in rb)
+
+
+def _average_corr(true_views: np.ndarray, averages: np.ndarray, truth: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over true classes of the rotation-invariant correlation of the matched class average."""
+    mapping = match_labels(truth, labels)  # pred -> true
+    return round(float(np.mean([_rot_corr(true_views[t], averages[p]) for p, t in mapping.items()])), 4)
+
+
+def _row(truth: np.ndarray, labels: np.ndarray, k: int, seconds: float, **extra) -> dict:
+    s = classification_scores(truth, labels)
+    sizes = np.bincount(labels, minlength=k)
+    return {"f1": round(s["f1"], 4), "accuracy": round(s["accuracy"], 4), "nmi": round(s["nmi"], 4),
+            "size_ratio": round(float(sizes.min() / max(sizes.max(), 1)), 3), "seconds": round(seconds, 1), **extra}
+
+
+def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: Path, seed: int, drvae: DRVAEConfig,
+             relion_iterations: int) -> dict:
+    """Every row of the grid on one stack."""
+    raw = stack.images()
+    x = normalize_images(torch.as_tensor(raw)).numpy()
+    clean = normalize_images(torch.as_tensor(stack.read_image_column("cpCleanImageName"))).numpy()
+    aligned = kind in ("inplane", "ctf")
+    true_views = class_averages(clean, truth, k)
+    rows: dict = {}
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t0
+
+    if aligned:
+        labels, s = timed(lambda: align_kmeans(clean, k, seed, max_shift=MAX_SHIFT_PX)[0])
+    else:
+        labels, s = timed(lambda: cluster(clean, k, "kmeans", seed))
+    rows["oracle"] = _row(truth, labels, k, s)
+    cfg = dataclasses.replace(drvae, classes=k, seed=seed, align=aligned, max_shift_px=MAX_SHIFT_PX if aligned else 0)
+    result, s = timed(lambda: train_drvae(stack, cfg, work / "drvae", "cpu"))
+    rows["drvae-bsk"] = _row(truth, result.labels, k, s, rounds=len(result.curves["rounds"]),
+                             average_corr=_average_corr(true_views, class_averages(x, result.labels, k), truth, result.labels))
+    labels, s = timed(lambda: cluster(normalize_images(torch.as_tensor(classical.denoise(x, "lowpass"))).numpy(), k, "kmeans", seed))
+    rows["lowpass-kmeans"] = _row(truth, labels, k, s)
+    labels, s = timed(lambda: cluster(x, k, "pca-kmeans", seed))
+    rows["pca-kmeans"] = _row(truth, labels, k, s)
+    labels, s = timed(lambda: align_kmeans(x, k, seed, max_shift=MAX_SHIFT_PX)[0])
+    rows["align-kmeans"] = _row(truth, labels, k, s)
+    labels, s = timed(lambda: cluster(x, k, "bsk", seed))
+    rows["bsk-raw"] = _row(truth, labels, k, s)
+    reason = relion_class2d.available()
+    if reason is None:
+        try:
+            rel = relion_class2d.run_class2d(stack, k, work / "relion", iterations=relion_iterations, seed=seed)
+            rows["relion-class2d"] = _row(truth, rel["labels"], k, rel["seconds"],
+                                          average_corr=_average_corr(true_views, rel["averages"], truth, rel["labels"]))
+        except RuntimeError as exc:
+            rows["relion-class2d"] = {"skipped": str(exc)}
+    else:
+        rows["relion-class2d"] = {"skipped": reason}
+    return rows
+
+
+def markdown(result: dict) -> str:
+    cols = ("f1", "accuracy", "nmi", "size_ratio", "seconds", "average_corr")
+    lines = []
+    for setting, per_structure in result["grid"].items():
+        for structure, rows in per_structure.items():
+            lines += [f"### {setting} / {structure} (n = {rows['n']}, K = {rows['k']})", "",
+                      "| method | F1 | accuracy | NMI | min/max size | s | avg corr |", "|---|---|---|---|---|---|---|"]
+            for name, row in rows["rows"].items():
+                if "skipped" in row:
+                    lines.append(f"| {name} | skipped: {row['skipped']} |||||| ")
+                    continue
+                lines.append(f"| {name} | " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def run(n: int = 2000, box: int = 64, quick: bool = False, out_dir: str | Path | None = None, seed: int = 0,
+        settings: list[str] | None = None, relion_iterations: int | None = None) -> dict:
+    """The grid with ``n`` particles per stack (``quick``: ``QUICK_SETTINGS`` on the first test
+    structure, RELION with 10 iterations instead of 25). Writes ``bench_drvae.json``/``.md`` to
+    ``out_dir`` when given."""
+    settings = list(settings or (QUICK_SETTINGS if quick else SETTINGS))
+    relion_iterations = relion_iterations or (10 if quick else 25)
+    drvae = DRVAEConfig()
+    jobs = [(s, t) for s in settings for t in TESTS if not (quick or SETTINGS[s][1].startswith("conf")) or t == TESTS[0]]
+    t_start = time.perf_counter()
+    grid: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench_drvae_") as tmp:
+        for i, (setting, structure) in enumerate(progress(jobs, "bench drvae")):
+            work = Path(tmp) / f"{setting}_{structure}"
+            stack, truth, k = _simulate(setting, structure, n, box, seed + 10 + i, work / "sim")
+            name = "+".join(CONFORMATIONS) if SETTINGS[setting][1].startswith("conf") else structure
+            rows = evaluate(stack, truth, k, SETTINGS[setting][1], work, seed, drvae, relion_iterations)
+            grid.setdefault(setting, {})[name] = {"n": len(stack), "k": k, "rows": rows}
+    result = {
+        "n": n, "box": box, "quick": quick, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "dev_structure": DEV_STRUCTURE, "test_structures": list(TESTS), "relion_iterations": relion_iterations,
+        "drvae_config": dataclasses.asdict(drvae), "grid": grid, "total_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    result["markdown"] = markdown(result)
+    if out_dir is not None:
+        out = Path(out_dir)
+        with atomic_path(out / "bench_drvae.json") as p:
+            p.write_text(json.dumps(result, indent=2) + "\n")
+        with atomic_path(out / "bench_drvae.md") as p:
+            p.write_text(result["markdown"] + "\n")
+    return result

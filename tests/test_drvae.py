@@ -1,0 +1,266 @@
+"""DRVAE + BSK-means++: the VAE's KL term and reparameterisation, reliable samples, the rounds'
+stop and resume, CTF phase flipping and Wiener averages, the CLI and its refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cryoprior.classical.cluster.averages import (
+    class_averages,
+    ctf_class_sums,
+    wiener_averages_from_sums,
+)
+from cryoprior.cli.main import main
+from cryoprior.core.ctf import apply_ctf, ctf_2d, phase_flip
+from cryoprior.core.fft import fft2c
+from cryoprior.io.mrc import read_mrc
+from cryoprior.io.stack import ParticleStack
+from cryoprior.nn import drvae
+from cryoprior.nn.drvae import DRVAEConfig, encode_all, train_drvae, train_phase
+from cryoprior.nn.models.drvae import DRVAE, kl_divergence, reparameterize
+from cryoprior.nn.training import load_checkpoint
+from cryoprior.sim.dataset import SimulationConfig, simulate_dataset
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+TINY = dict(classes=4, latent_dim=4, vae_widths=[8, 16], net_box=16, vae_batch_size=32, warmup_steps=150,
+            round_steps=8)
+TINY_FLAGS = ["--latent-dim", "4", "--vae-widths", "8", "16", "--net-box", "16", "--vae-batch-size", "32",
+              "--warmup-steps", "150", "--round-steps", "8", "--max-rounds", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    out = tmp_path_factory.mktemp("drvae") / "sim"
+    simulate_dataset(SimulationConfig(structures=["1ake"], box=32, pixel_size_a=2.0, n=160, views=4, snr=1.0,
+                                      seed=3), out)
+    return out / "particles.star"
+
+
+def _run(argv, capsys):
+    rc = main(["--quiet", *map(str, argv)])
+    return rc, capsys.readouterr().err.strip()
+
+
+# ----------------------------------------------------------------------------- the VAE itself
+def test_kl_and_reparameterisation():
+    mu, logvar = torch.zeros(3, 5), torch.zeros(3, 5)
+    torch.testing.assert_close(kl_divergence(mu, logvar), torch.zeros(3))
+    # KL(N(m, s²) || N(0, 1)) = (m² + s² - 1 - log s²) / 2 per dimension
+    m, v = 0.7, 2.0
+    kl = kl_divergence(torch.full((1, 2), m), torch.full((1, 2), np.log(v)))
+    assert float(kl) == pytest.approx(2 * 0.5 * (m * m + v - 1 - np.log(v)), rel=1e-5)
+    torch.manual_seed(0)
+    z = reparameterize(torch.full((20000, 1), 3.0), torch.full((20000, 1), np.log(4.0)))
+    assert float(z.mean()) == pytest.approx(3.0, abs=0.05) and float(z.std()) == pytest.approx(2.0, abs=0.05)
+    mu_g, lv_g = torch.ones(4, 2, requires_grad=True), torch.zeros(4, 2, requires_grad=True)
+    reparameterize(mu_g, lv_g).sum().backward()
+    assert mu_g.grad is not None and lv_g.grad is not None and float(lv_g.grad.abs().sum()) > 0
+
+
+def _blobs(n=128, d=16, seed=0):
+    """Images of 4 Gaussian blobs at different places plus a little noise: ``(n, 1, d, d)``."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(d) - d / 2, torch.arange(d) - d / 2, indexing="ij")
+    centres = torch.tensor([[-3, -3], [3, 3], [-3, 3], [3, -3]], dtype=torch.float32)
+    c = centres[torch.arange(n) % 4]
+    x = torch.exp(-((yy - c[:, 0, None, None]) ** 2 + (xx - c[:, 1, None, None]) ** 2) / 6)
+    x = x + 0.05 * torch.randn(x.shape, generator=g)
+    return ((x - x.mean((1, 2), keepdim=True)) / x.std((1, 2), keepdim=True))[:, None]
+
+
+@pytest.mark.parametrize("beta", [0.0, 5000.0])
+def test_beta_large_collapses_to_prior_and_zero_reconstructs(beta, tmp_path):
+    x = _blobs()
+    cfg = DRVAEConfig(**{**TINY, "beta": beta, "vae_lr": 3e-3})
+    torch.manual_seed(0)
+    vae = DRVAE(16, 4, [8, 16])
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
+    train_phase(vae, opt, x, cfg, 150, 0, "cpu", tmp_path / "ck.pt", "test")
+    vae.eval()
+    with torch.no_grad():
+        recon, mu, logvar = vae(x)
+    mse = float(((recon - x) ** 2).mean())
+    kl = float(kl_divergence(mu, logvar).mean())
+    if beta == 0:  # an autoencoder: reconstructs the images (variance 1) closely, the latent is informative
+        assert mse < 0.15 and kl > 1.0
+    else:  # the latent carries (almost) nothing: the output is about the mean image
+        assert kl < 0.1
+        mean_image_mse = float(((x - x.mean(0)) ** 2).mean())
+        assert mse > 0.8 * mean_image_mse
+
+
+# ---------------------------------------------------------------------------------- the rounds
+def test_reliable_samples_are_nearest_their_class_and_targets_are_averages(sim, tmp_path):
+    stack = ParticleStack.from_file(sim)
+    cfg = DRVAEConfig(**TINY, max_rounds=1, reliable_fraction=0.25, cluster_on="denoised")
+    train_drvae(stack, cfg, tmp_path / "run", "cpu")
+    z = np.load(tmp_path / "run" / "rounds" / "round_01.npz")
+    labels, reliable, targets = z["labels"], z["reliable"], z["targets"][:, 0]
+    # the round was clustered with the warm-up model
+    vae = drvae.new_vae(cfg, 16)
+    vae.load_state_dict(load_checkpoint(tmp_path / "run" / "checkpoints" / "round_00.pt")["vae"])
+    _, den = encode_all(vae, drvae.prepare(stack, 16).x, 64, "cpu")
+    den = den[:, 0].numpy()
+    averages = class_averages(den, labels, 4)
+    np.testing.assert_allclose(targets, averages[labels], atol=1e-5)
+    dist = ((den - averages[labels]) ** 2).sum((1, 2))
+    for j in range(4):
+        members = labels == j
+        assert reliable[members].sum() == int(np.ceil(0.25 * members.sum()))
+        assert dist[members & reliable].max() <= dist[members & ~reliable].min() + 1e-4
+
+
+def test_convergence_stops_the_rounds(sim, tmp_path):
+    stack = ParticleStack.from_file(sim)
+    stop = train_drvae(stack, DRVAEConfig(**TINY, max_rounds=4, stop_fraction=1.0), tmp_path / "a", "cpu")
+    assert stop.curves["converged"] and len(stop.curves["rounds"]) == 2  # the 2nd clustering changed < 100 %
+    never = train_drvae(stack, DRVAEConfig(**TINY, max_rounds=3, stop_fraction=0.0), tmp_path / "b", "cpu")
+    assert not never.curves["converged"] and len(never.curves["rounds"]) == 3
+    assert [len(r["loss"]) > 0 for r in never.curves["rounds"]] == [True, True, False]
+
+
+def test_resume_equals_uninterrupted(sim, tmp_path, monkeypatch):
+    stack = ParticleStack.from_file(sim)
+    cfg = DRVAEConfig(**TINY, max_rounds=3, stop_fraction=0.0)
+    full = train_drvae(stack, cfg, tmp_path / "full", "cpu")
+    real = drvae.cluster_round
+    calls = []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(drvae, "cluster_round", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_drvae(stack, cfg, tmp_path / "resumed", "cpu")
+    monkeypatch.setattr(drvae, "cluster_round", real)
+    resumed = train_drvae(stack, cfg, tmp_path / "resumed", "cpu")
+    np.testing.assert_array_equal(resumed.labels, full.labels)
+    for (name, a), b in zip(full.vae.state_dict().items(), resumed.vae.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(Exception, match="other settings"):
+        train_drvae(stack, DRVAEConfig(**{**TINY, "beta": 0.5}, max_rounds=3), tmp_path / "full", "cpu")
+
+
+# ------------------------------------------------------------------------------------- CTF
+def _ctfs(n, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = 10_000 + 15_000 * torch.rand(n, generator=g, dtype=torch.float64)
+    return ctf_2d(d, 2.0, u, u - 300, torch.full((n,), 30.0, dtype=torch.float64)).float()
+
+
+def test_phase_flip_is_its_own_inverse_on_the_flipped_bands():
+    x = torch.randn(5, 32, 32)
+    ctf = _ctfs(5)
+    twice = phase_flip(phase_flip(x, ctf), ctf)
+    nonzero = ctf != 0
+    nonzero[:, 0, :] = nonzero[:, :, 0] = False  # the unpaired Nyquist line of an even box
+    torch.testing.assert_close(fft2c(twice)[nonzero], fft2c(x)[nonzero], atol=1e-3, rtol=1e-4)
+    # and flipping a CTF-modulated image leaves |CTF|: no sign changes left
+    once = fft2c(phase_flip(apply_ctf(x, ctf), ctf)) / fft2c(x)
+    assert float(once.real.min()) > -1e-3
+
+
+def test_wiener_average_undoes_the_ctf_better_than_the_mean():
+    d = 32
+    yy, xx = torch.meshgrid(torch.arange(d) - d / 2, torch.arange(d) - d / 2, indexing="ij")
+    clean = torch.exp(-((yy - 3) ** 2 + xx**2) / 8) - 0.6 * torch.exp(-((yy + 4) ** 2 + (xx - 4) ** 2) / 5)
+    ctf = _ctfs(40, d, seed=1)
+    images = apply_ctf(clean.expand(40, d, d), ctf).numpy()
+    labels = np.zeros(40, dtype=np.int64)
+    num, den = ctf_class_sums(images, ctf.numpy(), labels, 1)
+    wiener = wiener_averages_from_sums(num, den, np.array([40]), wiener_constant=0.01)[0]
+    plain = images.mean(0)
+
+    def corr(a):
+        return float(np.corrcoef(np.ravel(a), clean.numpy().ravel())[0, 1])
+
+    assert corr(wiener) > 0.9 and corr(wiener) > corr(plain) + 0.2
+    flipped = phase_flip(torch.as_tensor(images), ctf).numpy()  # the flipped form gives the same
+    num_f, den_f = ctf_class_sums(flipped, ctf.numpy(), labels, 1, flipped=True)
+    np.testing.assert_allclose(num_f, num, atol=1e-3)
+
+
+# -------------------------------------------------------------------------------- the CLI
+def test_classify_drvae_bsk_end_to_end(sim, tmp_path, capsys):
+    out = tmp_path / "c"
+    rc, err = _run(["classify", sim, "--classes", 4, "--method", "drvae-bsk", "--out", out, *TINY_FLAGS], capsys)
+    assert rc == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["f1"] > 0.9
+    assert min(metrics["class_sizes"]) == max(metrics["class_sizes"]) == 40  # balanced
+    rounds = json.loads((out / "rounds.json").read_text())
+    assert len(rounds["rounds"]) == 2 and rounds["warmup_loss"]
+    den, _ = read_mrc(out / "class_averages_denoised.mrcs")
+    raw, _ = read_mrc(out / "class_averages.mrcs")
+    assert den.shape == raw.shape == (4, 32, 32)
+    assert np.corrcoef(den.ravel(), raw.ravel())[0, 1] > 0.8
+    assert (out / "drvae" / "model.pt").is_file() and (out / "drvae" / "denoised.mrcs").is_file()
+
+
+def test_denoise_train_apply_in_input_units(sim, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc, err = _run(["denoise", "train", "--method", "drvae", "--target", sim, "--classes", 4, "--out", run,
+                    *TINY_FLAGS], capsys)
+    assert rc == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["psnr_denoised_db"] > metrics["psnr_input_db"] + 3
+    stack = ParticleStack.from_file(sim)
+    scaled = tmp_path / "scaled.star"
+    stack.write(scaled, tmp_path / "scaled.mrcs", images=stack.images() * 250.0 + 40.0)
+    for src, out in [(sim, tmp_path / "a"), (scaled, tmp_path / "b")]:
+        rc, err = _run(["denoise", "apply", "--model", run, src, "--out", out, "--device", "cpu"], capsys)
+        assert rc == 0, err
+    a = ParticleStack.from_file(tmp_path / "a" / "particles.star").images()
+    b = ParticleStack.from_file(tmp_path / "b" / "particles.star").images()
+    np.testing.assert_allclose(b, a * 250.0 + 40.0, rtol=1e-3, atol=1e-2 * 250)
+    clean = stack.read_image_column("cpCleanImageName")
+    err_in, err_out = ((stack.images() - clean) ** 2).mean(), ((a - clean) ** 2).mean()
+    assert err_out < 0.5 * err_in  # the same units as the input and closer to the clean images
+
+
+@pytest.mark.parametrize("case", ["k_too_large", "nan"])
+def test_bad_inputs_one_line_no_output(sim, tmp_path, capsys, case):
+    src = sim
+    k = 4
+    if case == "k_too_large":
+        k = 1000
+    else:
+        stack = ParticleStack.from_file(sim)
+        images = stack.images()
+        images[7, 3, 3] = np.nan
+        src = tmp_path / "nan.star"
+        stack.write(src, tmp_path / "nan.mrcs", images=images)
+    out = tmp_path / "out"
+    rc, err = _run(["classify", src, "--classes", k, "--method", "drvae-bsk", "--out", out, *TINY_FLAGS], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and ("NaN" in err or "more than" in err)
+    assert not out.exists()
+    run = tmp_path / "run"
+    rc, err = _run(["denoise", "train", "--method", "drvae", "--target", src, "--classes", k, "--out", run,
+                    *TINY_FLAGS], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert not run.exists()
+    assert not list(tmp_path.glob(".out*"))
+
+
+def test_relion_class2d_command_and_skip(monkeypatch):
+    from cryoprior.bench import relion_class2d
+
+    cmd = relion_class2d.class2d_command("p.star", "out/run", 4, 25, 120.0, True, 3)
+    joined = " ".join(cmd)
+    assert cmd[0] == "relion_refine" and "--K 4" in joined and "--iter 25" in joined and "--ctf" in cmd
+    assert "--offset_range 3" in joined and "--psi_step 10" in joined
+    assert "--ctf" not in relion_class2d.class2d_command("p.star", "out/run", 4, 25, 120.0, False, 3)
+    assert relion_class2d.class2d_command("p.star", "o/r", 2, 5, 90.0, False, 3, mpi=3)[:6] == [
+        "mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3", "relion_refine_mpi"]
+    monkeypatch.setattr(relion_class2d.shutil, "which", lambda name: None)
+    assert "not on the PATH" in relion_class2d.available()
+    with pytest.raises(Exception, match="not on the PATH"):
+        relion_class2d.run_class2d(None, 2, "unused")
