@@ -136,10 +136,19 @@ class ClassifyConfig:
 
 
 def normalized_images(stack: ParticleStack, mask_radius_px: float | None = None, chunk: int = 4096) -> np.ndarray:
-    """All images ``(n, d, d)`` float32, each with zero mean and unit standard deviation."""
+    """All images ``(n, d, d)`` float32, each with zero mean and unit standard deviation; phase-
+    flipped by each particle's CTF first when the STAR has CTF columns (so that particles of one
+    view at different defoci look alike, as RELION's 2D classification compares them)."""
+    from cryoprior.core.ctf import phase_flip
+    from cryoprior.io.relion import ctf_from_star
+
+    has_ctf = stack.has_column("rlnDefocusU")
     out = np.empty((len(stack), stack.box, stack.box), dtype=np.float32)
     for start, images in stack.chunks(chunk):
-        out[start : start + len(images)] = normalize_images(torch.from_numpy(images), mask_radius_px).numpy()
+        x = torch.from_numpy(images)
+        if has_ctf:
+            x = phase_flip(x, ctf_from_star(stack, np.arange(start, start + len(images))))
+        out[start : start + len(images)] = normalize_images(x, mask_radius_px).numpy()
     return out
 
 
@@ -277,7 +286,7 @@ def rebased_table(stack: ParticleStack, new_dir: Path) -> pd.DataFrame:
 
 
 def _write_outputs(tmp: Path, out: Path, stack: ParticleStack, labels: np.ndarray, k: int,
-                   pose: tuple[np.ndarray, np.ndarray] | None = None, wiener: bool = False) -> list[int]:
+                   pose: tuple[np.ndarray, np.ndarray] | None = None, wiener: bool = True) -> list[int]:
     table = rebased_table(stack, out.absolute())
     table["rlnClassNumber"] = labels + 1
     table = table.drop(columns=[c for c in ALIGN_COLUMNS if c in table.columns])  # poses of an earlier run
@@ -364,7 +373,7 @@ def _run_classify(stack: ParticleStack, in_path, out: Path, config: ClassifyConf
         images = normalized_images(stack, config.mask_radius_px)
         labels, pose = classify_images(images, config, device, stack, tmp)
         del images
-        sizes = _write_outputs(tmp, out, stack, labels, config.classes, pose, wiener=config.method == "drvae-bsk")
+        sizes = _write_outputs(tmp, out, stack, labels, config.classes, pose, wiener=True)
         seconds = round(time.perf_counter() - t0, 2)
         metrics = None
         if truth is not None:
