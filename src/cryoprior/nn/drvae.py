@@ -64,7 +64,7 @@ class DRVAEConfig:
     latent_dim: int = field(default=16, metadata={"help": "size of the Gaussian latent"})
     vae_widths: list[int] = field(default_factory=lambda: [16, 32, 64], metadata={"help": "ResNet channels per level"})
     net_box: int = field(default=32, metadata={"help": "working box of the network, px (Fourier crop; 0: the input's)"})
-    beta: float = field(default=1.0, metadata={"help": "weight of the KL term"})
+    beta: float = field(default=1.0, metadata={"flag": "--kl-beta", "help": "weight of the KL term (β-VAE)"})
     vae_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     vae_batch_size: int = field(default=64, metadata={"help": "images per minibatch"})
     warmup_steps: int = field(default=300, metadata={"help": "unsupervised minibatch steps before the first clustering (whole epochs)"})
@@ -92,7 +92,7 @@ class DRVAEConfig:
         if min(self.warmup_steps, self.round_steps, self.max_shift_px) < 0:
             raise InputError("--warmup-steps, --round-steps and --max-shift must be >= 0")
         if not (self.beta >= 0 and self.target_weight >= 0 and self.vae_lr > 0):
-            raise InputError("--beta and --target-weight must be >= 0, --vae-lr > 0")
+            raise InputError("--kl-beta and --target-weight must be >= 0, --vae-lr > 0")
         if not 0 < self.reliable_fraction <= 1 or not 0 <= self.stop_fraction <= 1:
             raise InputError("--reliable-fraction must be in (0, 1], --stop-fraction in [0, 1]")
         if self.cluster_on not in CLUSTER_ON or self.pseudo_targets not in PSEUDO_TARGETS:
