@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cryoprior.classical.cluster import align_kmeans, cluster
-from cryoprior.classical.cluster.align import _costs, _mask, _rotations
+from cryoprior.classical.cluster.align import _rotations, aligned_costs, alignment_mask
 from cryoprior.cli import main as cli
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores
@@ -111,8 +111,8 @@ def test_aligned_costs_equal_explicit_shifts():
     gen = torch.Generator().manual_seed(0)
     x, centres = torch.randn(5, 16, 16, generator=gen), torch.randn(2, 16, 16, generator=gen)
     angles = torch.tensor([0.0, 1.0, 2.5])
-    mask = _mask(16)
-    cost, rot, shift = _costs(x, centres, angles, mask, max_shift=2, chunk=2)
+    mask = alignment_mask(16)
+    cost, rot, shift = aligned_costs(x, centres, angles, mask, max_shift=2, chunk=2)
     t = _rotations(centres, angles) * mask
     for i in range(5):
         for c in range(2):

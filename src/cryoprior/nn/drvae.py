@@ -32,7 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryoprior.classical.cluster.align import _costs, _mask, _update, align_kmeans
+from cryoprior.classical.cluster.align import (
+    align_kmeans,
+    aligned_averages,
+    aligned_costs,
+    alignment_mask,
+)
 from cryoprior.classical.cluster.averages import class_averages
 from cryoprior.classical.cluster.bsk import balanced_assignment, bsk_means, reliable_mask
 from cryoprior.core.ctf import phase_flip
@@ -194,17 +199,17 @@ def aligned_bsk(images: torch.Tensor, k: int, seed: int, max_shift: int, n_angle
     Returns ``(labels, angles rad, shifts (n, 2) px, averages (k, d, d), own cost (n,))``.
     """
     labels, _, _, centres = align_kmeans(images, k, seed, n_angles=n_angles, max_shift=max_shift, n_init=1)
-    mask = _mask(images.shape[-1])
+    mask = alignment_mask(images.shape[-1])
     x = images * mask
     grid = torch.arange(n_angles, dtype=torch.float32) * (2 * math.pi / n_angles)
     centres = torch.as_tensor(centres)
     new = None
     for _ in range(max_iter):
-        cost, rot, shift = _costs(x, centres, grid, mask, max_shift)
+        cost, rot, shift = aligned_costs(x, centres, grid, mask, max_shift)
         new = balanced_assignment(cost.double().numpy(), labels)
         lab = torch.as_tensor(new)
         angle, move = grid[rot[torch.arange(len(lab)), lab]], shift[torch.arange(len(lab)), lab]
-        centres = _update(images, lab, angle, move, k, centre=max_shift > 0)
+        centres = aligned_averages(images, lab, angle, move, k, centre=max_shift > 0)
         if np.array_equal(new, labels):
             break
         labels = new
@@ -221,7 +226,7 @@ def cluster_round(vae: DRVAE, x: torch.Tensor, config: DRVAEConfig, seed: int, d
     if config.align:
         labels, angles, shifts, _, own = aligned_bsk(denoised[:, 0], k, seed, max_shift_net)
         reliable = reliable_mask(np.sqrt(own)[:, None], labels, np.zeros((k, 1)), config.reliable_fraction)
-        averages = _update(values[:, 0], torch.as_tensor(labels), torch.as_tensor(angles, dtype=torch.float32),
+        averages = aligned_averages(values[:, 0], torch.as_tensor(labels), torch.as_tensor(angles, dtype=torch.float32),
                            torch.as_tensor(shifts), k, centre=False)
         targets = _in_own_frame(averages, labels, angles, shifts)
     else:

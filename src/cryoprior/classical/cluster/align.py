@@ -24,7 +24,7 @@ from cryoprior.core.rotations import rotate_images
 __all__ = ["align_kmeans", "to_class_frame"]
 
 
-def _mask(d: int) -> torch.Tensor:
+def alignment_mask(d: int) -> torch.Tensor:
     """Soft circular mask ``(d, d)``: 1 inside radius 0.4 d, a cosine edge to 0.5 d."""
     c = (d - 1) / 2
     y, x = torch.meshgrid(torch.arange(d) - c, torch.arange(d) - c, indexing="ij")
@@ -41,7 +41,7 @@ def _rotations(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return rotate_images(rep, angles.repeat(k)).reshape(k, r, d, d)
 
 
-def _costs(x: torch.Tensor, centres: torch.Tensor, angles: torch.Tensor, mask: torch.Tensor, max_shift: int = 0,
+def aligned_costs(x: torch.Tensor, centres: torch.Tensor, angles: torch.Tensor, mask: torch.Tensor, max_shift: int = 0,
            chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Aligned squared distances of masked images ``x`` ``(n, d, d)`` to every centre.
 
@@ -84,7 +84,7 @@ def to_class_frame(images, angles, shifts) -> torch.Tensor:
     return rotate_images(torch.stack(moved)[:, None], -angles)[:, 0]
 
 
-def _update(images: torch.Tensor, labels: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor, k: int,
+def aligned_averages(images: torch.Tensor, labels: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor, k: int,
             centre: bool) -> torch.Tensor:
     """Class averages ``(k, d, d)`` of the images in their class's frame (then re-centred when
     ``centre``)."""
@@ -118,7 +118,7 @@ def _seed_centres(images, x, k, angles, mask, max_shift, gen) -> torch.Tensor:
     n = len(images)
     chosen = [int(torch.randint(n, (1,), generator=gen))]
     for _ in range(1, k):
-        d2 = _costs(x, images[chosen], angles, mask, max_shift)[0].amin(dim=1).clamp(min=0).double()
+        d2 = aligned_costs(x, images[chosen], angles, mask, max_shift)[0].amin(dim=1).clamp(min=0).double()
         if float(d2.sum()) <= 0:
             chosen.append(int(torch.randint(n, (1,), generator=gen)))
         else:
@@ -130,7 +130,7 @@ def _run(images, x, k, angles, mask, max_shift, gen, max_iter, tol):
     centres = _seed_centres(images, x, k, angles, mask, max_shift, gen)
     labels = None
     for it in range(max_iter + 1):
-        cost, rot, shift = _costs(x, centres, angles, mask, max_shift)
+        cost, rot, shift = aligned_costs(x, centres, angles, mask, max_shift)
         new = cost.argmin(dim=1)
         for c in torch.nonzero(torch.bincount(new, minlength=k) == 0).flatten().tolist():  # empty: worst-fitting image
             new[int(cost.gather(1, new[:, None])[:, 0].argmax())] = c
@@ -142,7 +142,7 @@ def _run(images, x, k, angles, mask, max_shift, gen, max_iter, tol):
         labels, best_rot, best_shift = new, new_rot, new_shift
         if done:
             break
-        centres = _update(images, labels, angles[best_rot], best_shift, k, centre=max_shift > 0)
+        centres = aligned_averages(images, labels, angles[best_rot], best_shift, k, centre=max_shift > 0)
     total = float(cost.gather(1, labels[:, None]).sum())  # of the poses against the returned centres
     return total, labels, angles[best_rot], best_shift, centres
 
@@ -168,7 +168,7 @@ def align_kmeans(
         raise ValueError(f"k must be in 1..{len(images)}, got {k}")
     if not 0 <= max_shift < images.shape[-1] // 2:
         raise ValueError(f"max_shift must be in 0..{images.shape[-1] // 2 - 1} px, got {max_shift}")
-    mask = _mask(images.shape[-1])
+    mask = alignment_mask(images.shape[-1])
     x = images * mask
     angles = torch.arange(n_angles, dtype=torch.float32) * (2 * math.pi / n_angles)
     gen = torch.Generator().manual_seed(seed)
