@@ -55,7 +55,7 @@ def test_demo_writes_a_run_folder_per_stage(uninterrupted):
     # every planned stage ran: CDAE and RED must not silently become "not available"
     assert done == set(stages), {k: v for k, v in stages.items() if k not in done}
     assert {"simulate_views", "simulate_uniform", "measure_snr", "denoise_cdae", "denoise_lowpass", "classify_raw",
-            "classify_cdae", "classify_lowpass", "classify_oracle", "reconstruct_gaussian", "reconstruct_red"} <= done
+            "classify_cdae", "classify_lowpass", "classify_drvae", "classify_oracle", "reconstruct_gaussian", "reconstruct_red"} <= done
     for name in done - {"measure_snr"} - {s for s in done if s.startswith("simulate_")}:
         folder = out / name
         assert (folder / "config.yaml").exists() and (folder / "metrics.json").exists(), name

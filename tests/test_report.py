@@ -79,7 +79,7 @@ def test_report_of_a_partial_run_shows_what_is_there(tmp_path, monkeypatch):
     text = out.read_text(encoding="utf-8")
     assert "<h2>Data</h2>" in text and "<h2>Denoising</h2>" not in text
     assert "<h2>3D reconstruction</h2>" not in text
-    assert text.count("not run yet") == 5  # denoise, classify ×3, reconstruct
+    assert text.count("not run yet") == 6  # denoise, classify ×4 (raw, oracle, CDAE, DRVAE), reconstruct
     assert "Could not show" not in text
 
 
@@ -94,9 +94,9 @@ def test_unavailable_stage_is_listed_as_such(tmp_path, monkeypatch):
                         if module == "cryoprior.workflows.classify" else real(module, *names))
     cfg = DemoConfig(**{**SMALL, "priors": []})
     metrics = run_demo(tmp_path / "run", cfg, argv=["test"])
-    assert set(metrics["not_available"]) == {"classify_raw", "classify_lowpass", "classify_oracle"}
+    assert set(metrics["not_available"]) == {"classify_raw", "classify_lowpass", "classify_drvae", "classify_oracle"}
     text = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
-    assert text.count("not available in this version") == 3
+    assert text.count("not available in this version") == 4
     assert "<h2>2D classification</h2>" not in text
 
 

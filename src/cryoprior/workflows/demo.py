@@ -270,6 +270,11 @@ class _Demo:
         raw = stack.read_image_column("cpNoisyImageName")
         write_mrcs(folder / "class_averages.mrcs", class_averages(raw, labels, K_VIEWS), stack.pixel_size_a)
 
+    def classify_drvae(self) -> dict:
+        """``cryoprior classify --method drvae-bsk``: DRVAE trained on the stack alone, then
+        balanced clustering rounds (no simulation, no clean images)."""
+        return self._classify("classify_drvae", "drvae-bsk", "DRVAE + BSK-means++ (trained on the stack itself)")
+
     def classify_oracle(self) -> dict:
         """Class averages of the raw images grouped by the true views: the best that averaging gives."""
         from cryoprior.workflows.classify import rebased_table
@@ -349,6 +354,8 @@ def plan(cfg: DemoConfig, device: torch.device) -> list[Stage]:
                else (f"denoise_{m}", "denoise_baseline", (m,), denoise_why[m]) for m in cfg.denoisers]
     stages.append(("classify_raw", "classify_raw", (), classify_why))
     stages += [(f"classify_{m}", "classify_denoised", (m,), classify_why or denoise_why[m]) for m in cfg.denoisers]
+    drvae_why = classify_why or missing("cryoprior.nn.drvae", "train_drvae", "DRVAEConfig")
+    stages.append(("classify_drvae", "classify_drvae", (), drvae_why))
     stages.append(("classify_oracle", "classify_oracle", (), classify_why))
     for p in cfg.priors:
         why = recon_why or (_reason_red(cfg.red_model, device) if p in ("red", "cw-red") else None)
