@@ -1,16 +1,9 @@
 """RELION's external reconstruction (``relion_refine --external_reconstruct``) with our priors.
 
-RELION writes ``<root>_external_reconstruct.star`` and three MRCs, sets nothing else up, and
-runs ``$RELION_EXTERNAL_RECONSTRUCT_EXECUTABLE <root>_external_reconstruct.star`` from its
-project folder; half 1 and half 2 run at the same time in the same folder. The STAR holds
-
-- ``data_external_reconstruct_general`` (key-value): ``rlnExtReconsDataReal``/``Imag``
-  (B), ``rlnExtReconsWeight`` (K), ``rlnExtReconsResult`` (the map to write),
-  ``rlnTau2FudgeFactor`` (T), ``rlnPaddingFactor`` (pad), ``rlnReferenceDimensionality`` (3),
-  ``rlnOriginalImageSize`` (d), ``rlnCurrentImageSize`` (data beyond half of it are zero) and,
-  in newer RELION, ``rlnPixelSize``;
-- ``data_external_reconstruct_tau2`` (loop): ``rlnSpectralIndex``, ``rlnReferenceTau2``,
-  ``rlnGoldStandardFsc`` for shells ``0..d // 2``.
+RELION writes ``<root>_external_reconstruct.star`` and three MRCs and runs
+``$RELION_EXTERNAL_RECONSTRUCT_EXECUTABLE <root>_external_reconstruct.star`` from its project
+folder, half 1 and half 2 at the same time; the files' layout is read and written by
+:mod:`cryoprior.io.relion` (``read_job``, ``halfcomplex_to_centred``, ``write_tau2_star``).
 
 The general block may also name ``rlnExtReconsResultStarfile`` (newer RELION). RELION reads that
 file back after the call when it exists (``BackProjector::externalReconstruct``): it needs
@@ -30,10 +23,8 @@ never an error, since any non-zero exit makes RELION abort the whole MPI job
 :func:`run_external`). A τ²/FSC table that does not cover every shell is the exception: that
 request is corrupt, we exit non-zero and remove any result left from an earlier call.
 
-The MRCs are FFTW half-complex grids ``(P, P, P // 2 + 1)`` [z, y, x], ``P = pad · d``, zero
-frequency at index 0 and negative frequencies wrapped (:func:`halfcomplex_to_centred`), in
-RELION's FFT scale (forward transforms divided by the 2D image size, so ``B / K`` is our
-``fft2c`` scale divided by ``d²``). The update is the one of :mod:`cryoprior.recon.mstep`:
+B / K arrive in RELION's FFT scale (forward transforms divided by the 2D image size, so ``B / K``
+is our ``fft2c`` scale divided by ``d²``). The update is the one of :mod:`cryoprior.recon.mstep`:
 τ² from the FSC (eq. 12, full-set FSC for a map without ``_half1``/``_half2`` in its name, by
 RELION's ``sqrt(2f / (1 + f))`` unless ``--full-set-fsc ssnr``), no prior below shell
 ``minres_map`` (RELION's default 5, as RELION passes none), or,
