@@ -15,15 +15,12 @@
    move each weight by ~10× the learning rate.
 3. Optional **histogram equalisation** of the final output (rank-based, per image).
 
-Deviation from the paper, and why: the default is two encoder modules (``widths=[8, 16]``,
-receptive field ~18 px) rather than three; a block whose receptive field spans the particle
-learns to recognise the pre-training views and paint their templates onto other structures
-(``--widths 32 64 128`` restores the paper's). The measurements behind each default are in
-``docs/benchmarks.md`` (CDAE).
-
-The paper's ablation **single DAE**: one block, no pre-training, targets the k-NN means of the
-input images themselves. Every image is normalised to zero mean and unit variance before a block
-(see :mod:`cryoprior.nn.cdae_ops`); outputs are in those units.
+Deviation from the paper: the depth follows the particle (:func:`with_depth`: as many encoder
+modules as keep the receptive field within half the diameter; two for the paper's geometry, not
+three), since a block that sees the whole particle learns the pre-training views as templates
+(``--widths 32 64 128`` restores the paper's; measurements in ``docs/benchmarks.md``, CDAE). The
+ablation **single DAE** is one block, no pre-training. Blocks work on per-image normalised images;
+:func:`~cryoprior.nn.denoiser.denoise_images` returns the clean estimate in the input's units.
 
 >>> run = train_cdae("sim_pretrain/", "particles.star", CDAEConfig(), "runs/cdae", "auto")  # doctest: +SKIP
 >>> model = load_model(run, "cpu")                                                           # doctest: +SKIP

@@ -30,16 +30,6 @@ Kept different from RELION on purpose: the division ``B / (K + τ⁻²)`` is dir
 inside the sphere), and the gridding correction is the separable ``Π sinc²(x_i / N)``, the
 exact transform of the trilinear kernel (RELION divides by the radial ``sinc²(r / N)``, an
 approximation of it).
-
-Units of τ² (tested against the truth in ``tests/test_red.py``): the FSC of the cropped half maps
-gives the SSNR of the box-sized map, so eq. (12) makes τ² = pad³ · ⟨|F(V)|²⟩_shell / σ², σ² the
-noise power of one ``fft2c`` coefficient — RELION's ``rlnReferenceTau2`` × pad³. RELION divides
-by pad³ in ``sigma2`` and multiplies by it again in ``invtau2``; the ``1 / τ²`` added to K is the
-same (``⟨K⟩ (1 − FSC) / (T² · FSC)``), and scaling it by 1/4 or 4 raises the error to the truth.
-The Wiener weights do not lower the FSC to the truth on the padded grid, but the crop to the box
-(like any mask) mixes neighbouring shells: where SSNR ≪ 1 the attenuated shell then carries
-leakage from the lower, less-attenuated ones, so the FSC of the *regularised* map to a reference
-falls below that of B / K near 0.143. Resolution is read from the unregularised half maps.
 """
 
 from __future__ import annotations
@@ -167,6 +157,16 @@ def tau2_from_fsc(fsc_curve: torch.Tensor, mean_weight: torch.Tensor, fudge: flo
     (``backprojector.cpp:1429``, 1/τ² term = 1 / (pad³ · T · τ²_R)), so the term added to the
     weight is ``⟨K⟩ / (T² · SSNR)``. Shells with no weight get τ² = 0 (the prior alone; zero
     for the Gaussian prior).
+
+    Units of τ² (tested against the truth in ``tests/test_red.py``): the FSC of the cropped half maps
+    gives the SSNR of the box-sized map, so eq. (12) makes τ² = pad³ · ⟨|F(V)|²⟩_shell / σ², σ² the
+    noise power of one ``fft2c`` coefficient — RELION's ``rlnReferenceTau2`` × pad³. RELION divides
+    by pad³ in ``sigma2`` and multiplies by it again in ``invtau2``; the ``1 / τ²`` added to K is the
+    same (``⟨K⟩ (1 − FSC) / (T² · FSC)``), and scaling it by 1/4 or 4 raises the error to the truth.
+    The Wiener weights do not lower the FSC to the truth on the padded grid, but the crop to the box
+    (like any mask) mixes neighbouring shells: where SSNR ≪ 1 the attenuated shell then carries
+    leakage from the lower, less-attenuated ones, so the FSC of the *regularised* map to a reference
+    falls below that of B / K near 0.143. Resolution is read from the unregularised half maps.
     """
     if fsc_curve.shape != mean_weight.shape:
         raise ValueError(f"fsc {tuple(fsc_curve.shape)} and mean weight {tuple(mean_weight.shape)} differ")

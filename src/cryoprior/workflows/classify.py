@@ -1,37 +1,20 @@
 """``cryoprior classify``: unsupervised 2D classification of a particle stack.
 
-Every image is normalised first (zero mean, unit standard deviation per image; over the
-background outside ``mask_radius_px`` when given, as ``relion_preprocess --norm``), so that
-classes follow the shape of the signal, not its scale. Then, by ``method``:
+Images are phase-flipped by their CTF when the STAR has CTF columns, then normalised per image
+(zero mean, unit variance; over the background outside ``mask_radius_px`` when given, as
+``relion_preprocess --norm``). Methods: k-means, Ward (``hc``), BSK-means++ (``bsk``) on the
+pixels; k-means on PCA / Isomap embeddings; ``align-kmeans`` (up to in-plane rotation and, with
+``max_shift_px``, integer shifts, as RELION's 2D classification aligns; poses written to
+``cpInplaneAngleDeg``, ``cpAlignShiftXPx``, ``cpAlignShiftYPx``); ``cae-kmeans``; ``cdae-*`` (on
+images denoised by a CDAE given as ``model`` or trained here on ``pretrain_structure``, with a seed
+of its own so that a simulated input is never its own training data); ``drvae-bsk`` (``nn.drvae``,
+trained on the stack alone; its run is kept in ``drvae/``).
 
-- ``kmeans``, ``hc`` (Ward), ``bsk`` (Balanced-Size k-means++): on the pixels;
-- ``pca-kmeans``, ``isomap-kmeans``: k-means on a PCA / Isomap embedding of the pixels;
-- ``align-kmeans``: k-means up to in-plane rotation (``cluster.align``: each image compared with
-  each class average at 36 in-plane angles and, with ``max_shift_px``, integer shifts, as 2D
-  classification in RELION aligns particles); the particles' best angles and shifts are written
-  as ``cpInplaneAngleDeg``, ``cpAlignShiftXPx``, ``cpAlignShiftYPx`` (the image is its class
-  average rotated by the angle, then moved by the shift) and the class averages are of the
-  images moved and rotated back;
-- ``cae-kmeans``: k-means on the codes of a convolutional autoencoder trained on the stack;
-- ``cdae-kmeans``, ``cdae-hc``, ``cdae-align-kmeans``: k-means / Ward / aligned k-means on images
-  denoised by a CDAE cascade (the class averages are of the raw images), either a
-  trained one (``model``, a run folder) or one trained here (kept in ``cdae/``) on data simulated
-  from ``pretrain_structure``: 4 views at the SNR ladder of ``CDAEConfig.pretrain_snrs`` (0.1,
-  0.4, 0.6, clean), the input's box and pixel size, and a seed of its own (``seed + 104729``),
-  so that a simulated input is never its own training data (the 4 views differ from its views);
-- ``drvae-bsk``: DRVAE + BSK-means++ (``nn.drvae``): a variational ResNet autoencoder trained on
-  the stack alone (phase-flipped by its CTF when the STAR has CTF columns), rounds of balanced
-  clustering of its denoised images and training towards the class averages of the reliable
-  particles. The run (checkpoints, rounds, ``curves.json``, ``model.pt``) is kept in ``drvae/``,
-  or in ``model`` when given (a rerun there resumes it); ``class_averages_denoised.mrcs`` and
-  ``drvae/denoised.mrcs`` (the denoised stack, in the input's units) are written too, and the
-  class averages are CTF-corrected (Wiener) when the STAR has CTF columns.
-
-The output folder holds ``particles.star`` (the input's rows and columns, image names pointing at
-the input's stacks, plus ``rlnClassNumber`` 1..K with class 1 the largest), ``class_averages.mrcs``
-and ``class_averages.star`` (averages of the raw images per class), ``config.yaml`` and, when the
-input carries truth labels (``cpViewLabel`` >= 0, else ``cpConformationLabel``), ``metrics.json``
-with Hungarian-matched F1, precision, recall, accuracy, NMI and ARI. It is written atomically.
+The output folder holds ``particles.star`` (the input's rows plus ``rlnClassNumber``, class 1 the
+largest), ``class_averages.mrcs`` / ``.star`` (averages of the raw images, in each class's frame
+for aligned methods; Wiener CTF-corrected with CTF columns, as RELION's), ``config.yaml`` and,
+when the input carries truth labels, ``metrics.json`` (Hungarian-matched F1, precision, recall,
+accuracy, NMI, ARI). It is written atomically.
 """
 
 from __future__ import annotations

@@ -5,14 +5,10 @@ RELION writes ``<root>_external_reconstruct.star`` and three MRCs and runs
 folder, half 1 and half 2 at the same time; the files' layout is read and written by
 :mod:`cryoprior.io.relion` (``read_job``, ``halfcomplex_to_centred``, ``write_tau2_star``).
 
-The general block may also name ``rlnExtReconsResultStarfile`` (newer RELION). RELION reads that
-file back after the call when it exists (``BackProjector::externalReconstruct``): it needs
-``rlnSpectralIndex`` and takes ``rlnReferenceTau2`` as its new τ² (and ``τ² / σ²`` as its
-data-vs-prior ratio); only without a τ² column does it take ``rlnFourierShellCorrelation`` and
-convert it to τ² itself. ``rlnGoldStandardFsc`` is not read back. We write there, atomically,
-the ``data_external_reconstruct_tau2`` table with the τ² the update used, in RELION's units
-(ours ÷ ``pad³ · T``, the inverse of the ``tau2=star`` conversion below, so that RELION's own
-``1 / (pad³ · T · τ²)`` regularises as we did), and the FSC it was given.
+When the general block names ``rlnExtReconsResultStarfile``, RELION reads it back after the call
+(``BackProjector::externalReconstruct``) and takes its ``rlnReferenceTau2`` as the new τ² (and
+``τ² / σ²`` as data-vs-prior); we write there the τ² the update used in RELION's units (ours ÷
+``pad³ · T``) and the FSC it was given.
 
 The pixel size (for CW-RED's λ, the log and the result's header) is, in this order: the STAR's
 ``rlnPixelSize`` (RELION ≥ 4.0.1), ``--pixel-size`` / ``CRYOPRIOR_PIXEL_SIZE``, then the run's
