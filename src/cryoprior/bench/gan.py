@@ -34,7 +34,14 @@ import torch
 
 from cryoprior import classical
 from cryoprior.bench.common import write_result
-from cryoprior.bench.gan_map import apply_generator, fsc_rows, image_metrics, map_protocol, mixture_truth
+from cryoprior.bench.gan_map import (
+    apply_generator,
+    fsc_rows,
+    image_metrics,
+    map_protocol,
+    mixture_truth,
+    width_overrides,
+)
 from cryoprior.classical.cluster import cluster
 from cryoprior.core.metrics import classification_scores
 from cryoprior.nn.cdae_ops import normalize
@@ -61,19 +68,19 @@ CONTAMINATION_METHODS = ("l2-AE", "l1-AE", "WGAN-GP+l1", "(1,1)-GAN+l1", "(.5,.5
 
 FULL = dict(box=64, n_train=4000, n_test=500, n_conf=60, epochs=30, seeds=(0, 1, 2), snrs=(0.1, 0.05),
             contamination=[(k, e) for k in "ABC" for e in (0.1, 0.2, 0.3)], contamination_seeds=(0, 1, 2),
-            widths=[16, 32, 64], n_3d=4000, n_map=5000, n_cdae_pretrain=1000, map_seeds=(0, 1, 2), table2=True)
+            widths=None, n_3d=4000, n_map=5000, n_cdae_pretrain=1000, map_seeds=(0, 1, 2), table2=True)
 #: Table 2: (alpha, beta) pairs of the (alpha,beta)-GAN + l1; Table 4: lambda of (.5,.5)-GAN + l1
 ALPHA_BETA = [(0, 0), (1, 1), (0.5, 0.5), (-0.5, -0.5), (1, -1), (-1, 1), (0.5, -0.5), (-0.5, 0.5)]
 LAMBDAS = [0.1, 1.0, 10.0, 100.0, 1e4]
-QUICK = dict(box=32, n_train=300, n_test=100, n_conf=30, epochs=4, seeds=(0, 1, 2), snrs=(0.1, 0.05),
+QUICK = dict(box=32, n_train=500, n_test=100, n_conf=30, epochs=6, seeds=(0, 1, 2), snrs=(0.1, 0.05),
              contamination=[("A", 0.1), ("A", 0.3)], contamination_seeds=(0,),
-             widths=[8, 16, 32], n_3d=600, n_map=600, n_cdae_pretrain=150, map_seeds=(0,), table2=False)
+             widths=None, n_3d=600, n_map=600, n_cdae_pretrain=150, map_seeds=(0,), table2=False)
 #: the methods trained from a map and poses (``--reference-map``)
 MAP_METHODS = ("l1-AE", "(.5,.5)-GAN+l1", "(1,1)-GAN+l1")
-#: a generator without residual blocks and one more level, for speed (--g-widths 8 16 32 64 --blocks-per-level 0)
-FAST_GENERATOR = dict(g_widths=[8, 16, 32, 64], blocks_per_level=0)
-#: the default generator before the pixel-unshuffle stem (first level at full resolution), the speed baseline
-FULL_RES_GENERATOR = dict(stem=1)
+#: a generator without residual blocks and one more level, for speed (--g-widths 8 16 32 64 --blocks-per-level 0 --stem 1)
+FAST_GENERATOR = dict(g_widths=[8, 16, 32, 64], blocks_per_level=0, stem=1)
+#: the previous default generator (widths 16-32-64, first level at full resolution), the speed baseline
+FULL_RES_GENERATOR = dict(stem=1, g_widths=[16, 32, 64])
 
 
 def _simulate(work: Path, name: str, box: int, n: int, snr: float, seed: int, views: int | None):
@@ -87,8 +94,7 @@ def _simulate(work: Path, name: str, box: int, n: int, snr: float, seed: int, vi
 
 def _train(noisy, clean, method: str | dict, cfg: dict, seed: int, contamination=None):
     kw = METHODS[method] if isinstance(method, str) else method
-    config = GANConfig(**kw, gan_epochs=cfg["epochs"], g_widths=list(cfg["widths"]),
-                       d_widths=list(cfg["widths"]), seed=seed)
+    config = GANConfig(**kw, gan_epochs=cfg["epochs"], seed=seed, **width_overrides(cfg))
     y, x, _ = contaminate_pairs(noisy, clean, *(contamination or (None, 0.0)), seed=seed)
     gen, curves, scale = fit_scaled(y, x, config, "cpu", desc=f"{method} seed {seed}")
     return gen, scale
@@ -219,7 +225,7 @@ def run(quick: bool = False, out_dir: str | Path | None = None, box: int | None 
         "machine": platform.machine(),
         "metric_definition": "PSNR = 10 log10(peak^2 / MSE), SSIM with data_range = peak; peak = max - min of each "
                              "clean reference image; MSE in the clean images' units; mean (std) over seeds",
-        "gan_config": dataclasses.asdict(GANConfig(gan_epochs=cfg["epochs"], g_widths=cfg["widths"], d_widths=cfg["widths"])),
+        "gan_config": dataclasses.asdict(GANConfig(gan_epochs=cfg["epochs"], **width_overrides(cfg))),
         "table1": table1, "contamination": contamination, **ablations, "conformations": conformations,
         "three_d": three_d, "map_protocol": _map_summary(map_runs),
         "inference_images_per_s_64px": inference_speed(),

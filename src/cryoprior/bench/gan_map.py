@@ -89,6 +89,11 @@ def _cdae(work: Path, stack_noisy: np.ndarray, test_noisy: np.ndarray, box: int,
     return denoise_images(tuned, test_noisy, 256, "cpu")
 
 
+def width_overrides(cfg: dict) -> dict:
+    """GANConfig width overrides of a bench size preset (``widths`` None: the defaults)."""
+    return {} if cfg.get("widths") is None else {"g_widths": list(cfg["widths"]), "d_widths": list(cfg["widths"])}
+
+
 def image_metrics(den: np.ndarray, clean: np.ndarray) -> dict:
     """Mean MSE, PSNR and SSIM (peak = each clean image's max − min) over the images."""
     d = torch.from_numpy(np.asarray(den, np.float32))
@@ -116,8 +121,7 @@ def map_protocol(work: Path, cfg: dict, methods: dict[str, dict], seed: int) -> 
     for name in classical.available():
         outputs[name] = classical.denoise(noisy[test], name)
     for label, kw in methods.items():
-        config = GANConfig(**kw, gan_epochs=cfg["epochs"], g_widths=list(cfg["widths"]), d_widths=list(cfg["widths"]),
-                           seed=seed)
+        config = GANConfig(**kw, gan_epochs=cfg["epochs"], seed=seed, **width_overrides(cfg))
         gen, _, scale = fit_scaled(noisy[train], refs, config, "cpu", desc=f"{label} map seed {seed}")
         outputs[label] = apply_generator(gen, scale, noisy[test])
     outputs["cdae"] = _cdae(work, noisy, noisy[test], box, cfg["n_cdae_pretrain"], cfg["quick"], seed)

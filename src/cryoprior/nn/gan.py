@@ -60,7 +60,7 @@ class GANConfig:
     gan_batch_size: int = field(default=20, metadata={"help": "GAN minibatch size"})
     lr_g: float = field(default=2e-4, metadata={"help": "generator learning rate (Adam)"})
     lr_d: float = field(default=2e-4, metadata={"help": "discriminator learning rate (Adam)"})
-    g_widths: list[int] = field(default_factory=lambda: [16, 32, 64],
+    g_widths: list[int] = field(default_factory=lambda: [16, 32],
                                 metadata={"help": "generator channels per level (one down-sampling each)"})
     d_widths: list[int] = field(default_factory=lambda: [16, 32, 64], metadata={"help": "discriminator channels per level"})
     blocks_per_level: int = field(default=1, metadata={"help": "residual blocks per level"})
