@@ -129,15 +129,23 @@ def _timed(fn, repeats: int = 3) -> tuple[float, float]:
     return wall, cpu
 
 
-def inference_speed(box: int = 64, n: int = 1024, n_nlm: int = 128) -> dict:
+def inference_speed(box: int = 64, n: int = 1024, n_nlm: int = 128, threads: int = 2) -> dict:
     """Images/s at ``box``² of the default generator (``GANConfig()``), of the previous default
     (:data:`FULL_RES_GENERATOR`, the baseline of the ratio) and of :data:`FAST_GENERATOR` (fp32;
-    the default also with ``precision="auto"``), and of NLM, each timed in this run with the
-    current torch threads. ``*_per_cpu_s`` = images per process CPU-second × threads: the rate on
-    that many idle cores (wall times on a shared machine are inflated by other jobs)."""
+    the default also with ``precision="auto"``), and of NLM, each timed in this run with
+    ``threads`` torch threads. ``*_per_cpu_s`` = images per process CPU-second × threads: the rate
+    on that many idle cores (wall times on a shared machine are inflated by other jobs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _inference_speed(box, n, n_nlm, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _inference_speed(box: int, n: int, n_nlm: int, threads: int) -> dict:
     x = np.random.default_rng(0).standard_normal((n, box, box)).astype(np.float32)
-    threads = torch.get_num_threads()
-    out = {}
+    out = {"threads": threads}
     runs = [("default_fp32", {}, "fp32"), ("default_auto", {}, "auto"), ("full_res_fp32", FULL_RES_GENERATOR, "fp32"),
             ("fast_fp32", FAST_GENERATOR, "fp32")]
     for name, kw, precision in runs:

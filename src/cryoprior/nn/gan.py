@@ -58,8 +58,9 @@ class GANConfig:
     k_g: int = field(default=2, metadata={"help": "generator steps per minibatch"})
     gan_epochs: int = field(default=30, metadata={"help": "GAN training epochs"})
     gan_batch_size: int = field(default=20, metadata={"help": "GAN minibatch size"})
-    lr_g: float = field(default=2e-4, metadata={"help": "generator learning rate (Adam)"})
-    lr_d: float = field(default=2e-4, metadata={"help": "discriminator learning rate (Adam)"})
+    lr_g: float = field(default=2e-4, metadata={"help": "generator learning rate (Adam, beta1 0.5); the DCGAN "
+                        "convention, not checked against the paper (its experiments section was not available)"})
+    lr_d: float = field(default=2e-4, metadata={"help": "discriminator learning rate (Adam, beta1 0.5); as --lr-g"})
     g_widths: list[int] = field(default_factory=lambda: [16, 32],
                                 metadata={"help": "generator channels per level (one down-sampling each)"})
     d_widths: list[int] = field(default_factory=lambda: [16, 32, 64], metadata={"help": "discriminator channels per level"})
