@@ -29,11 +29,11 @@ from cryoprior.bench.cdae import FULL as CDAE_FULL
 from cryoprior.bench.cdae import PRETRAIN as CDAE_PRETRAIN
 from cryoprior.bench.cdae import QUICK as CDAE_QUICK
 from cryoprior.bench.common import map_scores
+from cryoprior.core.metrics import psnr, ssim
 from cryoprior.io.relion import half_sets
 from cryoprior.io.stack import ParticleStack
 from cryoprior.nn.cdae import finetune_cascade, pretrain_cascade, with_depth
 from cryoprior.nn.cdae_ops import load_levels
-from cryoprior.core.metrics import psnr, ssim
 from cryoprior.nn.denoiser import denoise_images, denoise_images_stack_scaled
 from cryoprior.nn.gan import GANConfig, fit_scaled, split_rows, stack_scale
 from cryoprior.nn.gan_data import project_references, sim_pairs
