@@ -41,6 +41,7 @@ import torch
 from cryoprior import classical
 from cryoprior.bench.common import write_result
 from cryoprior.bench.gan_map import (
+    MAP_STRUCTURE,
     apply_generator,
     fsc_rows,
     image_metrics,
@@ -252,8 +253,6 @@ def run(quick: bool = False, out_dir: str | Path | None = None, box: int | None 
 
 
 def _map_summary(runs: list[dict]) -> dict:
-    from cryoprior.bench.gan_map import MAP_STRUCTURE
-
     return {"structure": MAP_STRUCTURE, "n_train": runs[0]["n_train"], "n_test": runs[0]["n_test"], "seeds": len(runs),
             "metrics": {m: _summary([r["metrics"][m] for r in runs]) for m in runs[0]["metrics"]},
             "fsc": {m: _summary([r["fsc"][m] for r in runs]) for m in runs[0]["fsc"]}}
