@@ -28,7 +28,7 @@ from cryoprior.nn.cdae_ops import as_images, histogram_equalize, normalize
 from cryoprior.nn.models.cdae import CDAECascade, ConvAEBlock
 from cryoprior.nn.models.dncnn import DnCNN
 from cryoprior.nn.models.drvae import DRVAEDenoiser
-from cryoprior.nn.models.resnet import ResNetAutoencoder, ResNetConfig
+from cryoprior.nn.models.resnet import ResNetAutoencoder, ResNetConfig, fuse_batchnorm
 from cryoprior.nn.training import resolve_device
 
 MODEL_FILE = "model.pt"
@@ -201,10 +201,11 @@ def denoise_images_stack_scaled(
 ) -> np.ndarray:
     """Denoise images ``(n, d, d)`` with one scale per stack (the robust-GAN denoiser):
     ``model((x − in_mean) / in_std) · out_std + out_mean``, float32 ``(n, d, d)`` in the units of
-    the references the model was trained on (``out_scale`` = their mean and std)."""
+    the references the model was trained on (``out_scale`` = their mean and std). Batch norms are
+    folded into the convolutions first (:func:`~cryoprior.nn.models.resnet.fuse_batchnorm`)."""
     x = torch.as_tensor(np.asarray(images, dtype=np.float32))
     if x.dim() == 2:
         x = x[None]
     x = ((x - in_scale[0]) / in_scale[1])[:, None].contiguous()  # (n, 1, d, d)
-    y = denoise_tensor(model, x, batch_size, device, precision)[:, 0]
+    y = denoise_tensor(fuse_batchnorm(model), x, batch_size, device, precision)[:, 0]
     return (y * out_scale[1] + out_scale[0]).numpy()

@@ -58,12 +58,15 @@ class GANConfig:
     k_g: int = field(default=2, metadata={"help": "generator steps per minibatch"})
     gan_epochs: int = field(default=30, metadata={"help": "GAN training epochs"})
     gan_batch_size: int = field(default=20, metadata={"help": "GAN minibatch size"})
-    lr_g: float = field(default=2e-4, metadata={"help": "generator learning rate (Adam)"})
-    lr_d: float = field(default=2e-4, metadata={"help": "discriminator learning rate (Adam)"})
-    g_widths: list[int] = field(default_factory=lambda: [16, 32, 64],
+    lr_g: float = field(default=2e-4, metadata={"help": "generator learning rate (Adam, beta1 0.5); the DCGAN "
+                        "convention, not checked against the paper (its experiments section was not available)"})
+    lr_d: float = field(default=2e-4, metadata={"help": "discriminator learning rate (Adam, beta1 0.5); as --lr-g"})
+    g_widths: list[int] = field(default_factory=lambda: [16, 32],
                                 metadata={"help": "generator channels per level (one down-sampling each)"})
     d_widths: list[int] = field(default_factory=lambda: [16, 32, 64], metadata={"help": "discriminator channels per level"})
     blocks_per_level: int = field(default=1, metadata={"help": "residual blocks per level"})
+    stem: int = field(default=2, metadata={"help": "pixel-unshuffle factor before the first level of both networks "
+                      "(2: the levels run at box/2, box/4, ...; 1: the first level at full resolution)"})
     residual: bool = field(default=True, metadata={"help": "residual blocks (--no-residual: plain "
                            "convolutions, the paper's ablation)"})
     g_norm: str = field(default="batch", metadata={"choices": list(NORMS), "help": "generator normalisation"})
@@ -108,11 +111,11 @@ class GANConfig:
 
     def generator_config(self) -> ResNetConfig:
         return ResNetConfig(widths=list(self.g_widths), blocks_per_level=self.blocks_per_level,
-                            residual=self.residual, norm=self.g_norm)
+                            residual=self.residual, norm=self.g_norm, stem=self.stem)
 
     def discriminator_config(self) -> ResNetConfig:
         return ResNetConfig(widths=list(self.d_widths), blocks_per_level=self.blocks_per_level,
-                            residual=self.residual, norm=self.d_norm)
+                            residual=self.residual, norm=self.d_norm, stem=self.stem)
 
     def generator_arch(self) -> dict:
         """``nn.denoiser`` architecture record of the generator."""

@@ -5,18 +5,24 @@ Used by the robust-GAN denoiser (generator = :class:`ResNetAutoencoder`, discrim
 :class:`ResNetClassifier`) and DRVAE (encoder/decoder around a Gaussian latent). ``residual=False``
 gives the plain-convolution variant of every block (the GAN paper's ablation).
 
-Shapes: images ``(b, c, d, d)``; level ``i`` of the encoder works at ``d / 2**i``. Boxes that are
-not a multiple of ``2**(levels - 1)`` are reflect-padded about the image and cropped back, so any
-even box works.
+Shapes: images ``(b, c, d, d)``; level ``i`` of the encoder works at ``d / (stem · 2**i)``. With
+``stem`` > 1 the encoder first folds each ``stem × stem`` pixel block into channels
+(pixel-unshuffle, lossless) and the decoder unfolds its output (pixel-shuffle), so every level
+runs at a lower resolution: the cost is dominated by the full-resolution convolutions otherwise.
+Boxes that are not a multiple of ``stem · 2**(levels - 1)`` are reflect-padded about the image and
+cropped back, so any even box works. :func:`fuse_batchnorm` folds eval-mode batch norms into the
+preceding convolutions for inference.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 NORMS = ("batch", "instance", "layer", "none")
 
@@ -31,6 +37,7 @@ class ResNetConfig:
     norm: str = "batch"  # batch | instance | layer (GroupNorm(1)) | none
     in_channels: int = 1
     out_channels: int = 1
+    stem: int = 1  # pixel-unshuffle factor before the first level (1: none)
 
     def validate(self) -> None:
         if not self.widths or any(w < 1 for w in self.widths):
@@ -39,6 +46,8 @@ class ResNetConfig:
             raise ValueError(f"blocks_per_level must be >= 0, got {self.blocks_per_level}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.stem < 1:
+            raise ValueError(f"stem must be >= 1, got {self.stem}")
 
     @property
     def levels(self) -> int:
@@ -46,7 +55,7 @@ class ResNetConfig:
 
     @property
     def size_multiple(self) -> int:
-        return 2 ** (self.levels - 1)
+        return self.stem * 2 ** (self.levels - 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,14 +100,15 @@ class ResBlock2d(nn.Module):
 
 
 class ResNetEncoder(nn.Module):
-    """``(b, in, d, d)`` → ``(b, widths[-1], d / 2**(L-1), d / 2**(L-1))`` (d a multiple of 2**(L-1))."""
+    """``(b, in, d, d)`` → ``(b, widths[-1], s, s)``, ``s = d / (stem · 2**(L-1))`` (d a multiple of
+    ``size_multiple``)."""
 
     def __init__(self, config: ResNetConfig):
         super().__init__()
         config.validate()
         self.config = config
         w = config.widths
-        layers: list[nn.Module] = [conv_block(config.in_channels, w[0], config.norm)]
+        layers: list[nn.Module] = [conv_block(config.in_channels * config.stem**2, w[0], config.norm)]
         for i, width in enumerate(w):
             if i > 0:
                 layers.append(conv_block(w[i - 1], width, config.norm, stride=2))  # (b, w_i, d/2^i, ·)
@@ -106,11 +116,12 @@ class ResNetEncoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        stem = self.config.stem
+        return self.net(F.pixel_unshuffle(x, stem) if stem > 1 else x)  # (b, in·stem², d/stem, ·) first
 
 
 class ResNetDecoder(nn.Module):
-    """The encoder mirrored: ``(b, widths[-1], s, s)`` → ``(b, out, s · 2**(L-1), ·)``, linear output."""
+    """The encoder mirrored: ``(b, widths[-1], s, s)`` → ``(b, out, s · stem · 2**(L-1), ·)``, linear output."""
 
     def __init__(self, config: ResNetConfig):
         super().__init__()
@@ -126,11 +137,28 @@ class ResNetDecoder(nn.Module):
                     nn.LeakyReLU(0.2, inplace=True),
                 ]  # (b, w, 2s, 2s)
             layers += [ResBlock2d(width, config.norm, config.residual) for _ in range(config.blocks_per_level)]
-        layers.append(nn.Conv2d(w[-1], config.out_channels, 3, padding=1))
+        layers.append(nn.Conv2d(w[-1], config.out_channels * config.stem**2, 3, padding=1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        stem = self.config.stem
+        y = self.net(z)
+        return F.pixel_shuffle(y, stem) if stem > 1 else y
+
+
+def fuse_batchnorm(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` for inference (eval mode) in which every batch norm that directly follows
+    a convolution (or transposed convolution) in an ``nn.Sequential`` is folded into it; the
+    output is that of ``module.eval()`` up to rounding, at the cost of the convolutions alone."""
+    fused = copy.deepcopy(module).eval()
+    for seq in [m for m in fused.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(bn, nn.BatchNorm2d):
+                transpose = isinstance(conv, nn.ConvTranspose2d)
+                seq[i] = fuse_conv_bn_eval(conv, bn, transpose=transpose)
+                seq[i + 1] = nn.Identity()
+    return fused
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
