@@ -17,6 +17,12 @@ from cryoprior.classical.cluster import (
     knn,
     reliable_mask,
 )
+from cryoprior.classical.cluster.averages import (
+    ctf_class_sums,
+    half_set_labels,
+    ssnr_wiener_averages,
+    wiener_averages_from_sums,
+)
 from cryoprior.classical.cluster.bsk import balanced_sizes, size_bounds
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores
@@ -138,6 +144,29 @@ def test_bsk_size_tolerance_keeps_a_real_70_30_split():
     # a class may not shrink below (1 − τ)·mean even when the data would have it
     y = np.concatenate([rng.normal(0, 1, (190, 8)), rng.normal(6, 1, (10, 8))]).astype(np.float32)
     assert np.bincount(bsk_means(y, 2, seed=0, size_tolerance=0.5)[0]).min() == 50
+
+
+def test_ssnr_wiener_averages_beat_plain_and_flat_and_keep_clean_ones(views):
+    noisy, clean, labels = views["noisy001"], views["clean"], views["labels"]
+    truth = class_averages(clean, labels, 4)
+    ones = np.ones_like(noisy)
+
+    def corr(a):
+        return np.mean([np.corrcoef(a[j].ravel(), truth[j].ravel())[0, 1] for j in range(4)])
+
+    num2, den2 = ctf_class_sums(noisy, ones, half_set_labels(labels, 4), 8)
+    ssnr = ssnr_wiener_averages(num2, den2)
+    num, den = ctf_class_sums(noisy, ones, labels, 4)
+    flat = wiener_averages_from_sums(num, den, np.bincount(labels))
+    plain = class_averages(noisy, labels, 4)
+    assert corr(ssnr) > corr(plain) + 0.1 and corr(ssnr) > corr(flat) + 0.1 and corr(ssnr) > 0.9
+    # half sets summed in chunks (global index parity) equal one pass
+    a = ctf_class_sums(noisy[:150], ones[:150], half_set_labels(labels[:150], 4, 0), 8)
+    b = ctf_class_sums(noisy[150:], ones[150:], half_set_labels(labels[150:], 4, 150), 8)
+    np.testing.assert_allclose(a[0] + b[0], num2, atol=1e-9)
+    # on noise-free images the two halves agree and the average is the plain mean
+    c2 = ctf_class_sums(clean, ones, half_set_labels(labels, 4), 8)
+    np.testing.assert_allclose(ssnr_wiener_averages(*c2), truth, atol=0.02 * np.abs(truth).max())
 
 
 def test_knn_exact_neighbours_on_a_line():

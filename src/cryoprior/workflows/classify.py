@@ -36,7 +36,8 @@ from cryoprior.classical.cluster.align import to_class_frame
 from cryoprior.classical.cluster.averages import (
     averages_from_sums,
     ctf_class_sums,
-    wiener_averages_from_sums,
+    half_set_labels,
+    ssnr_wiener_averages,
 )
 from cryoprior.config import write_run_config
 from cryoprior.core.filters import normalize_images
@@ -303,24 +304,26 @@ def _write_outputs(tmp: Path, out: Path, stack: ParticleStack, labels: np.ndarra
 
 def _wiener_averages(stack: ParticleStack, labels: np.ndarray, k: int,
                      pose: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
-    """CTF-corrected (Wiener) class averages ``(k, d, d)`` of the raw images and the class sizes.
-    With poses the phase-flipped images are moved into their class's frame; the CTF weights are
-    not rotated with them (astigmatism is neglected there)."""
+    """CTF-corrected (Wiener) class averages ``(k, d, d)`` of the raw images and the class sizes,
+    regularised per shell by the SSNR of each class's two half sets as RELION's 2D references
+    are (``ssnr_wiener_averages``). With poses the phase-flipped images are moved into their
+    class's frame; the CTF weights are not rotated with them (astigmatism is neglected there)."""
     from cryoprior.core.ctf import phase_flip
     from cryoprior.io.relion import ctf_from_star
 
-    num = np.zeros((k, stack.box, stack.box), dtype=np.complex128)
-    den = np.zeros((k, stack.box, stack.box))
+    num = np.zeros((2 * k, stack.box, stack.box), dtype=np.complex128)
+    den = np.zeros((2 * k, stack.box, stack.box))
     for start, raw in stack.chunks(4096):
         part = slice(start, start + len(raw))
         ctf = ctf_from_star(stack, np.arange(part.start, part.stop))
         flipped = phase_flip(torch.as_tensor(raw, dtype=torch.float32), ctf)
         if pose is not None:
             flipped = to_class_frame(flipped, pose[0][part], pose[1][part])
-        a, b = ctf_class_sums(flipped.numpy(), ctf.numpy(), labels[part], k, flipped=True)
+        a, b = ctf_class_sums(flipped.numpy(), ctf.numpy(), half_set_labels(labels[part], k, part.start), 2 * k,
+                              flipped=True)
         num, den = num + a, den + b
     counts = np.bincount(labels, minlength=k)
-    return wiener_averages_from_sums(num, den, counts), counts
+    return ssnr_wiener_averages(num, den), counts
 
 
 def run_classify(
