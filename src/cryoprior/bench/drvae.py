@@ -12,7 +12,9 @@ k-means, PCA + k-means, ``align-kmeans`` (±3 px), BSK-means++ on the raw images
 align-kmeans with in-plane angles, on the clean images). CDAE rows are in ``bench cdae``, on a
 grid of its own (its pre-training would double the time); they are not repeated here.
 Columns: F1, accuracy, NMI, smallest/largest class size ratio, seconds; for drvae-bsk and RELION
-also the correlation of each class average with its matched true view (best over in-plane angles).
+also the correlation of each class average with its matched true view (best over in-plane angles):
+RELION's own (regularised) averages, and for drvae-bsk both the plain mean of the raw images and
+the mean regularised per shell by its half-set SSNR as RELION's 2D references are.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from cryoprior import classical
 from cryoprior.classical.cluster import align_kmeans, class_averages, cluster
+from cryoprior.classical.cluster.averages import ctf_class_sums, half_set_labels, ssnr_wiener_averages
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores, match_labels
 from cryoprior.core.rotations import rotate_images
@@ -103,6 +106,13 @@ def _average_corr(true_views: np.ndarray, averages: np.ndarray, truth: np.ndarra
     return round(float(np.mean([_rot_corr(true_views[t], averages[p]) for p, t in mapping.items()])), 4)
 
 
+def _regularised_averages(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Class averages of ``x`` ``(n, d, d)`` regularised per shell by their half-set SSNR
+    (``ssnr_wiener_averages`` with ctf ≡ 1), as RELION's 2D references are."""
+    num2, den2 = ctf_class_sums(x, np.ones_like(x), half_set_labels(labels, k), 2 * k)
+    return ssnr_wiener_averages(num2, den2)
+
+
 def _row(truth: np.ndarray, labels: np.ndarray, k: int, seconds: float, **extra) -> dict:
     s = classification_scores(truth, labels)
     sizes = np.bincount(labels, minlength=k)
@@ -133,7 +143,9 @@ def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: P
     cfg = dataclasses.replace(drvae, classes=k, seed=seed, align=aligned, max_shift_px=MAX_SHIFT_PX if aligned else 0)
     result, s = timed(lambda: train_drvae(stack, cfg, work / "drvae", "cpu"))
     rows["drvae-bsk"] = _row(truth, result.labels, k, s, rounds=len(result.curves["rounds"]),
-                             average_corr=_average_corr(true_views, class_averages(x, result.labels, k), truth, result.labels))
+                             average_corr=_average_corr(true_views, class_averages(x, result.labels, k), truth, result.labels),
+                             average_corr_ssnr=_average_corr(true_views, _regularised_averages(x, result.labels, k), truth,
+                                                             result.labels))
     labels, s = timed(lambda: cluster(normalize_images(torch.as_tensor(classical.denoise(x, "lowpass"))).numpy(), k, "kmeans", seed))
     rows["lowpass-kmeans"] = _row(truth, labels, k, s)
     labels, s = timed(lambda: cluster(x, k, "pca-kmeans", seed))
@@ -156,15 +168,16 @@ def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: P
 
 
 def markdown(result: dict) -> str:
-    cols = ("f1", "accuracy", "nmi", "size_ratio", "seconds", "average_corr")
+    cols = ("f1", "accuracy", "nmi", "size_ratio", "seconds", "average_corr", "average_corr_ssnr")
     lines = []
     for setting, per_structure in result["grid"].items():
         for structure, rows in per_structure.items():
             lines += [f"### {setting} / {structure} (n = {rows['n']}, K = {rows['k']})", "",
-                      "| method | F1 | accuracy | NMI | min/max size | s | avg corr |", "|---|---|---|---|---|---|---|"]
+                      "| method | F1 | accuracy | NMI | min/max size | s | avg corr | avg corr, SSNR-regularised |",
+                      "|---|---|---|---|---|---|---|---|"]
             for name, row in rows["rows"].items():
                 if "skipped" in row:
-                    lines.append(f"| {name} | skipped: {row['skipped']} |||||| ")
+                    lines.append(f"| {name} | skipped: {row['skipped']} ||||||| ")
                     continue
                 lines.append(f"| {name} | " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
             lines.append("")

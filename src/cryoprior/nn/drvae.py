@@ -76,7 +76,7 @@ class DRVAEConfig:
     round_steps: int = field(default=100, metadata={"help": "minibatch steps with pseudo-targets per round (whole epochs)"})
     max_rounds: int = field(default=4, metadata={"help": "most clusterings"})
     stop_fraction: float = field(default=0.01, metadata={"help": "stop when fewer particles than this change class"})
-    size_tolerance: float = field(default=0.0, metadata={"help": "BSK class sizes may range over (1 ± τ)·n/K; 0: exactly balanced (the paper)"})
+    size_tolerance: float = field(default=0.5, metadata={"help": "BSK class sizes may range over (1 ± τ)·n/K; 0: exactly balanced (the paper)"})
     reliable_fraction: float = field(default=0.5, metadata={"help": "fraction of each class nearest its centre given a pseudo-target"})
     target_weight: float = field(default=1.0, metadata={"help": "weight of the pseudo-target loss"})
     cluster_on: str = field(default="latent", metadata={"choices": list(CLUSTER_ON), "help": "what BSK-means++ clusters (--align: always the denoised images)"})
