@@ -1,8 +1,9 @@
 """``cryoprior bench drvae``: DRVAE + BSK-means++ against the classification baselines and RELION.
 
 One grid for every classification method. Settings (``SETTINGS``): four discrete views at SNR
-0.1/0.05/0.01; the same with random in-plane angles and ±3 px shifts; uniform orientations with
-CTF, the truth being the nearest of K=4 reference viewing directions; a conformational mix
+0.1/0.05/0.01; the same with random in-plane angles and ±3 px shifts; four views with CTF
+(defocus as the simulator draws it); uniform orientations with CTF, the truth being the nearest
+of K=4 reference viewing directions; a conformational mix
 (1ake/4ake, one view, SNR 0.05), balanced and 70/30. Structures: ``TESTS`` (1h4a, 1or4, 1pwc);
 DRVAE's defaults were chosen on ``DEV_STRUCTURE`` (3q4o), which the grid does not use.
 
@@ -33,7 +34,9 @@ import torch
 from cryoprior import classical
 from cryoprior.classical.cluster import align_kmeans, class_averages, cluster
 from cryoprior.classical.cluster.averages import ctf_class_sums, half_set_labels, ssnr_wiener_averages
+from cryoprior.core.ctf import phase_flip
 from cryoprior.core.filters import normalize_images
+from cryoprior.io.relion import ctf_from_star
 from cryoprior.core.metrics import classification_scores, match_labels
 from cryoprior.core.rotations import rotate_images
 from cryoprior.fileutil import atomic_path
@@ -59,6 +62,7 @@ SETTINGS: dict[str, tuple[float, str]] = {
     "inplane-snr0.05": (0.05, "inplane"),
     "inplane-snr0.01": (0.01, "inplane"),
     "ctf-uniform-snr0.05": (0.05, "ctf"),
+    "views-ctf-snr0.05": (0.05, "views-ctf"),
     "conformations-snr0.05": (0.05, "conf"),
     "conformations-70-30-snr0.05": (0.05, "conf-70-30"),
 }
@@ -73,7 +77,7 @@ def _simulate(setting: str, structure: str, n: int, box: int, seed: int, out: Pa
     cfg = SimulationConfig(structures=structures, box=box, pixel_size_a=pixel, n=n, snr=snr, seed=seed,
                            views=1 if kind.startswith("conf") else (None if kind == "ctf" else K_VIEWS),
                            inplane=kind == "inplane", shift_a=MAX_SHIFT_PX * pixel if kind == "inplane" else 0.0,
-                           ctf=kind == "ctf")
+                           ctf=kind in ("ctf", "views-ctf"))
     simulate_dataset(cfg, out)
     stack = ParticleStack.from_file(out / "particles.star")
     if kind.startswith("conf"):
@@ -123,8 +127,10 @@ def _row(truth: np.ndarray, labels: np.ndarray, k: int, seconds: float, **extra)
 def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: Path, seed: int, drvae: DRVAEConfig,
              relion_iterations: int) -> dict:
     """Every row of the grid on one stack."""
-    raw = stack.images()
-    x = normalize_images(torch.as_tensor(raw)).numpy()
+    raw = torch.as_tensor(stack.images())
+    if stack.has_column("rlnDefocusU"):  # every row sees phase-flipped images, as classify gives them
+        raw = phase_flip(raw, ctf_from_star(stack, np.arange(len(stack))))
+    x = normalize_images(raw).numpy()
     clean = normalize_images(torch.as_tensor(stack.read_image_column("cpCleanImageName"))).numpy()
     aligned = kind in ("inplane", "ctf")
     true_views = class_averages(clean, truth, k)
