@@ -17,7 +17,13 @@ from cryoprior.classical.cluster import (
     knn,
     reliable_mask,
 )
-from cryoprior.classical.cluster.bsk import balanced_sizes
+from cryoprior.classical.cluster.averages import (
+    ctf_class_sums,
+    half_set_labels,
+    ssnr_wiener_averages,
+    wiener_averages_from_sums,
+)
+from cryoprior.classical.cluster.bsk import balanced_sizes, size_bounds
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores
 from cryoprior.io.stack import ParticleStack
@@ -103,6 +109,64 @@ def test_balanced_assignment_is_optimal(n, k):
     rows, cols = linear_sum_assignment(slots)
     optimum = slots[rows, cols].sum() - penalty * r
     assert cost[np.arange(n), labels].sum() == pytest.approx(optimum, abs=1e-9)
+
+
+@pytest.mark.parametrize("n,k,tol", [(12, 3, 0.5), (37, 5, 0.3), (60, 4, 0.5), (50, 2, 1.0), (41, 4, 0.25)])
+def test_size_bounded_assignment_is_optimal(n, k, tol):
+    rng = np.random.default_rng(n * 10 + k)
+    cost = rng.random((n, k)) * 10
+    lo, hi = size_bounds(n, k, tol)
+    labels = balanced_assignment(cost, size_tolerance=tol)
+    sizes = np.bincount(labels, minlength=k)
+    assert sizes.min() >= lo and sizes.max() <= hi
+    # reference: Hungarian on lo mandatory slots (cost − M: all get filled) + (hi − lo) free slots per cluster
+    big = 1e3
+    slots = np.concatenate([np.repeat(cost - big, lo, axis=1), np.repeat(cost, hi - lo, axis=1)], axis=1)
+    rows, cols = linear_sum_assignment(slots)
+    optimum = slots[rows, cols].sum() + big * k * lo
+    assert cost[np.arange(n), labels].sum() == pytest.approx(optimum, abs=1e-7)
+    # the tolerance only ever helps, and a balanced start reaches the same optimum
+    balanced = balanced_assignment(cost)
+    assert cost[np.arange(n), labels].sum() <= cost[np.arange(n), balanced].sum() + 1e-9
+    again = balanced_assignment(cost, labels=balanced, size_tolerance=tol)
+    assert cost[np.arange(n), again].sum() == pytest.approx(optimum, abs=1e-7)
+
+
+def test_bsk_size_tolerance_keeps_a_real_70_30_split():
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(0, 1, (140, 8)), rng.normal(6, 1, (60, 8))]).astype(np.float32)
+    truth = np.repeat([0, 1], [140, 60])
+    exact, _ = bsk_means(x, 2, seed=0)
+    assert sorted(np.bincount(exact).tolist()) == [100, 100]  # the paper's BSK forces 50/50
+    relaxed, _ = bsk_means(x, 2, seed=0, size_tolerance=0.5)
+    assert classification_scores(truth, relaxed)["accuracy"] == 1.0
+    assert size_bounds(200, 2, 0.5) == (50, 150)
+    # a class may not shrink below (1 − τ)·mean even when the data would have it
+    y = np.concatenate([rng.normal(0, 1, (190, 8)), rng.normal(6, 1, (10, 8))]).astype(np.float32)
+    assert np.bincount(bsk_means(y, 2, seed=0, size_tolerance=0.5)[0]).min() == 50
+
+
+def test_ssnr_wiener_averages_beat_plain_and_flat_and_keep_clean_ones(views):
+    noisy, clean, labels = views["noisy001"], views["clean"], views["labels"]
+    truth = class_averages(clean, labels, 4)
+    ones = np.ones_like(noisy)
+
+    def corr(a):
+        return np.mean([np.corrcoef(a[j].ravel(), truth[j].ravel())[0, 1] for j in range(4)])
+
+    num2, den2 = ctf_class_sums(noisy, ones, half_set_labels(labels, 4), 8)
+    ssnr = ssnr_wiener_averages(num2, den2)
+    num, den = ctf_class_sums(noisy, ones, labels, 4)
+    flat = wiener_averages_from_sums(num, den, np.bincount(labels))
+    plain = class_averages(noisy, labels, 4)
+    assert corr(ssnr) > corr(plain) + 0.1 and corr(ssnr) > corr(flat) + 0.1 and corr(ssnr) > 0.9
+    # half sets summed in chunks (global index parity) equal one pass
+    a = ctf_class_sums(noisy[:150], ones[:150], half_set_labels(labels[:150], 4, 0), 8)
+    b = ctf_class_sums(noisy[150:], ones[150:], half_set_labels(labels[150:], 4, 150), 8)
+    np.testing.assert_allclose(a[0] + b[0], num2, atol=1e-9)
+    # on noise-free images the two halves agree and the average is the plain mean
+    c2 = ctf_class_sums(clean, ones, half_set_labels(labels, 4), 8)
+    np.testing.assert_allclose(ssnr_wiener_averages(*c2), truth, atol=0.02 * np.abs(truth).max())
 
 
 def test_knn_exact_neighbours_on_a_line():

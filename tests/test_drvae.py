@@ -195,7 +195,7 @@ def test_classify_drvae_bsk_end_to_end(sim, tmp_path, capsys):
     assert rc == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["f1"] > 0.9
-    assert min(metrics["class_sizes"]) == max(metrics["class_sizes"]) == 40  # balanced
+    assert min(metrics["class_sizes"]) >= 20 and max(metrics["class_sizes"]) <= 60  # within (1 ± 0.5)·n/K
     rounds = json.loads((out / "rounds.json").read_text())
     assert len(rounds["rounds"]) == 2 and rounds["warmup_loss"]
     den, _ = read_mrc(out / "class_averages_denoised.mrcs")

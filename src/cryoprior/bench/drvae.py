@@ -1,8 +1,9 @@
 """``cryoprior bench drvae``: DRVAE + BSK-means++ against the classification baselines and RELION.
 
 One grid for every classification method. Settings (``SETTINGS``): four discrete views at SNR
-0.1/0.05/0.01; the same with random in-plane angles and ±3 px shifts; uniform orientations with
-CTF, the truth being the nearest of K=4 reference viewing directions; a conformational mix
+0.1/0.05/0.01; the same with random in-plane angles and ±3 px shifts; four views with CTF
+(defocus as the simulator draws it); uniform orientations with CTF, the truth being the nearest
+of K=4 reference viewing directions; a conformational mix
 (1ake/4ake, one view, SNR 0.05), balanced and 70/30. Structures: ``TESTS`` (1h4a, 1or4, 1pwc);
 DRVAE's defaults were chosen on ``DEV_STRUCTURE`` (3q4o), which the grid does not use.
 
@@ -12,7 +13,9 @@ k-means, PCA + k-means, ``align-kmeans`` (±3 px), BSK-means++ on the raw images
 align-kmeans with in-plane angles, on the clean images). CDAE rows are in ``bench cdae``, on a
 grid of its own (its pre-training would double the time); they are not repeated here.
 Columns: F1, accuracy, NMI, smallest/largest class size ratio, seconds; for drvae-bsk and RELION
-also the correlation of each class average with its matched true view (best over in-plane angles).
+also the correlation of each class average with its matched true view (best over in-plane angles):
+RELION's own (regularised) averages, and for drvae-bsk both the plain mean of the raw images and
+the mean regularised per shell by its half-set SSNR as RELION's 2D references are.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ import torch
 
 from cryoprior import classical
 from cryoprior.classical.cluster import align_kmeans, class_averages, cluster
+from cryoprior.classical.cluster.averages import ctf_class_sums, half_set_labels, ssnr_wiener_averages
+from cryoprior.core.ctf import phase_flip
 from cryoprior.core.filters import normalize_images
+from cryoprior.io.relion import ctf_from_star
 from cryoprior.core.metrics import classification_scores, match_labels
 from cryoprior.core.rotations import rotate_images
 from cryoprior.fileutil import atomic_path
@@ -56,6 +62,7 @@ SETTINGS: dict[str, tuple[float, str]] = {
     "inplane-snr0.05": (0.05, "inplane"),
     "inplane-snr0.01": (0.01, "inplane"),
     "ctf-uniform-snr0.05": (0.05, "ctf"),
+    "views-ctf-snr0.05": (0.05, "views-ctf"),
     "conformations-snr0.05": (0.05, "conf"),
     "conformations-70-30-snr0.05": (0.05, "conf-70-30"),
 }
@@ -70,7 +77,7 @@ def _simulate(setting: str, structure: str, n: int, box: int, seed: int, out: Pa
     cfg = SimulationConfig(structures=structures, box=box, pixel_size_a=pixel, n=n, snr=snr, seed=seed,
                            views=1 if kind.startswith("conf") else (None if kind == "ctf" else K_VIEWS),
                            inplane=kind == "inplane", shift_a=MAX_SHIFT_PX * pixel if kind == "inplane" else 0.0,
-                           ctf=kind == "ctf")
+                           ctf=kind in ("ctf", "views-ctf"))
     simulate_dataset(cfg, out)
     stack = ParticleStack.from_file(out / "particles.star")
     if kind.startswith("conf"):
@@ -103,6 +110,13 @@ def _average_corr(true_views: np.ndarray, averages: np.ndarray, truth: np.ndarra
     return round(float(np.mean([_rot_corr(true_views[t], averages[p]) for p, t in mapping.items()])), 4)
 
 
+def _regularised_averages(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Class averages of ``x`` ``(n, d, d)`` regularised per shell by their half-set SSNR
+    (``ssnr_wiener_averages`` with ctf ≡ 1), as RELION's 2D references are."""
+    num2, den2 = ctf_class_sums(x, np.ones_like(x), half_set_labels(labels, k), 2 * k)
+    return ssnr_wiener_averages(num2, den2)
+
+
 def _row(truth: np.ndarray, labels: np.ndarray, k: int, seconds: float, **extra) -> dict:
     s = classification_scores(truth, labels)
     sizes = np.bincount(labels, minlength=k)
@@ -113,8 +127,10 @@ def _row(truth: np.ndarray, labels: np.ndarray, k: int, seconds: float, **extra)
 def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: Path, seed: int, drvae: DRVAEConfig,
              relion_iterations: int) -> dict:
     """Every row of the grid on one stack."""
-    raw = stack.images()
-    x = normalize_images(torch.as_tensor(raw)).numpy()
+    raw = torch.as_tensor(stack.images())
+    if stack.has_column("rlnDefocusU"):  # every row sees phase-flipped images, as classify gives them
+        raw = phase_flip(raw, ctf_from_star(stack, np.arange(len(stack))))
+    x = normalize_images(raw).numpy()
     clean = normalize_images(torch.as_tensor(stack.read_image_column("cpCleanImageName"))).numpy()
     aligned = kind in ("inplane", "ctf")
     true_views = class_averages(clean, truth, k)
@@ -133,7 +149,9 @@ def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: P
     cfg = dataclasses.replace(drvae, classes=k, seed=seed, align=aligned, max_shift_px=MAX_SHIFT_PX if aligned else 0)
     result, s = timed(lambda: train_drvae(stack, cfg, work / "drvae", "cpu"))
     rows["drvae-bsk"] = _row(truth, result.labels, k, s, rounds=len(result.curves["rounds"]),
-                             average_corr=_average_corr(true_views, class_averages(x, result.labels, k), truth, result.labels))
+                             average_corr=_average_corr(true_views, class_averages(x, result.labels, k), truth, result.labels),
+                             average_corr_ssnr=_average_corr(true_views, _regularised_averages(x, result.labels, k), truth,
+                                                             result.labels))
     labels, s = timed(lambda: cluster(normalize_images(torch.as_tensor(classical.denoise(x, "lowpass"))).numpy(), k, "kmeans", seed))
     rows["lowpass-kmeans"] = _row(truth, labels, k, s)
     labels, s = timed(lambda: cluster(x, k, "pca-kmeans", seed))
@@ -156,15 +174,16 @@ def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: P
 
 
 def markdown(result: dict) -> str:
-    cols = ("f1", "accuracy", "nmi", "size_ratio", "seconds", "average_corr")
+    cols = ("f1", "accuracy", "nmi", "size_ratio", "seconds", "average_corr", "average_corr_ssnr")
     lines = []
     for setting, per_structure in result["grid"].items():
         for structure, rows in per_structure.items():
             lines += [f"### {setting} / {structure} (n = {rows['n']}, K = {rows['k']})", "",
-                      "| method | F1 | accuracy | NMI | min/max size | s | avg corr |", "|---|---|---|---|---|---|---|"]
+                      "| method | F1 | accuracy | NMI | min/max size | s | avg corr | avg corr, SSNR-regularised |",
+                      "|---|---|---|---|---|---|---|---|"]
             for name, row in rows["rows"].items():
                 if "skipped" in row:
-                    lines.append(f"| {name} | skipped: {row['skipped']} |||||| ")
+                    lines.append(f"| {name} | skipped: {row['skipped']} ||||||| ")
                     continue
                 lines.append(f"| {name} | " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
             lines.append("")

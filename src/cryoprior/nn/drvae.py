@@ -76,6 +76,7 @@ class DRVAEConfig:
     round_steps: int = field(default=100, metadata={"help": "minibatch steps with pseudo-targets per round (whole epochs)"})
     max_rounds: int = field(default=4, metadata={"help": "most clusterings"})
     stop_fraction: float = field(default=0.01, metadata={"help": "stop when fewer particles than this change class"})
+    size_tolerance: float = field(default=0.5, metadata={"help": "BSK class sizes may range over (1 ± τ)·n/K; 0: exactly balanced (the paper)"})
     reliable_fraction: float = field(default=0.5, metadata={"help": "fraction of each class nearest its centre given a pseudo-target"})
     target_weight: float = field(default=1.0, metadata={"help": "weight of the pseudo-target loss"})
     cluster_on: str = field(default="latent", metadata={"choices": list(CLUSTER_ON), "help": "what BSK-means++ clusters (--align: always the denoised images)"})
@@ -98,6 +99,8 @@ class DRVAEConfig:
             raise InputError("--warmup-steps, --round-steps and --max-shift must be >= 0")
         if not (self.beta >= 0 and self.target_weight >= 0 and self.vae_lr > 0):
             raise InputError("--kl-beta and --target-weight must be >= 0, --vae-lr > 0")
+        if not 0 <= self.size_tolerance <= 1:
+            raise InputError(f"--size-tolerance must be in [0, 1], got {self.size_tolerance}")
         if not 0 < self.reliable_fraction <= 1 or not 0 <= self.stop_fraction <= 1:
             raise InputError("--reliable-fraction must be in (0, 1], --stop-fraction in [0, 1]")
         if self.cluster_on not in CLUSTER_ON or self.pseudo_targets not in PSEUDO_TARGETS:
@@ -191,8 +194,8 @@ def _in_own_frame(averages: torch.Tensor, labels: np.ndarray, angles: np.ndarray
     return t
 
 
-def aligned_bsk(images: torch.Tensor, k: int, seed: int, max_shift: int, n_angles: int = 36, max_iter: int = 10
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def aligned_bsk(images: torch.Tensor, k: int, seed: int, max_shift: int, n_angles: int = 36, max_iter: int = 10,
+                size_tolerance: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """BSK-means++ up to in-plane rotation and integer shifts: seeded by ``align_kmeans``, then
     balanced assignments under the aligned distance. ``images`` ``(n, d, d)``.
 
@@ -206,7 +209,7 @@ def aligned_bsk(images: torch.Tensor, k: int, seed: int, max_shift: int, n_angle
     new = None
     for _ in range(max_iter):
         cost, rot, shift = aligned_costs(x, centres, grid, mask, max_shift)
-        new = balanced_assignment(cost.double().numpy(), labels)
+        new = balanced_assignment(cost.double().numpy(), labels, size_tolerance=size_tolerance)
         lab = torch.as_tensor(new)
         angle, move = grid[rot[torch.arange(len(lab)), lab]], shift[torch.arange(len(lab)), lab]
         centres = aligned_averages(images, lab, angle, move, k, centre=max_shift > 0)
@@ -224,14 +227,15 @@ def cluster_round(vae: DRVAE, x: torch.Tensor, config: DRVAEConfig, seed: int, d
     mu, denoised = encode_all(vae, x, config.vae_batch_size * 4, device)
     values = denoised if config.pseudo_targets == "denoised" else x  # (n, 1, b, b)
     if config.align:
-        labels, angles, shifts, _, own = aligned_bsk(denoised[:, 0], k, seed, max_shift_net)
+        labels, angles, shifts, _, own = aligned_bsk(denoised[:, 0], k, seed, max_shift_net,
+                                                        size_tolerance=config.size_tolerance)
         reliable = reliable_mask(np.sqrt(own)[:, None], labels, np.zeros((k, 1)), config.reliable_fraction)
         averages = aligned_averages(values[:, 0], torch.as_tensor(labels), torch.as_tensor(angles, dtype=torch.float32),
                            torch.as_tensor(shifts), k, centre=False)
         targets = _in_own_frame(averages, labels, angles, shifts)
     else:
         features = mu.numpy() if config.cluster_on == "latent" else denoised.reshape(n, -1).numpy()
-        labels, centres = bsk_means(features, k, seed)
+        labels, centres = bsk_means(features, k, seed, size_tolerance=config.size_tolerance)
         reliable = reliable_mask(features, labels, centres, config.reliable_fraction)
         averages = torch.as_tensor(class_averages(values[:, 0].numpy(), labels, k))
         targets = averages[torch.as_tensor(labels)][:, None]

@@ -12,7 +12,8 @@ trained on the stack alone; its run is kept in ``drvae/``).
 
 The output folder holds ``particles.star`` (the input's rows plus ``rlnClassNumber``, class 1 the
 largest), ``class_averages.mrcs`` / ``.star`` (averages of the raw images, in each class's frame
-for aligned methods; Wiener CTF-corrected with CTF columns, as RELION's), ``config.yaml`` and,
+for aligned methods; Wiener-filtered as RELION's: CTF-corrected with CTF columns and regularised
+by each class's half-set SSNR), ``config.yaml`` and,
 when the input carries truth labels, ``metrics.json`` (Hungarian-matched F1, precision, recall,
 accuracy, NMI, ARI). It is written atomically.
 """
@@ -36,7 +37,8 @@ from cryoprior.classical.cluster.align import to_class_frame
 from cryoprior.classical.cluster.averages import (
     averages_from_sums,
     ctf_class_sums,
-    wiener_averages_from_sums,
+    half_set_labels,
+    ssnr_wiener_averages,
 )
 from cryoprior.config import write_run_config
 from cryoprior.core.filters import normalize_images
@@ -269,7 +271,7 @@ def rebased_table(stack: ParticleStack, new_dir: Path) -> pd.DataFrame:
 
 
 def _write_outputs(tmp: Path, out: Path, stack: ParticleStack, labels: np.ndarray, k: int,
-                   pose: tuple[np.ndarray, np.ndarray] | None = None, wiener: bool = True) -> list[int]:
+                   pose: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
     table = rebased_table(stack, out.absolute())
     table["rlnClassNumber"] = labels + 1
     table = table.drop(columns=[c for c in ALIGN_COLUMNS if c in table.columns])  # poses of an earlier run
@@ -278,18 +280,7 @@ def _write_outputs(tmp: Path, out: Path, stack: ParticleStack, labels: np.ndarra
         table[ALIGN_COLUMNS[0]] = np.round(np.rad2deg(angles), 3)
         table[ALIGN_COLUMNS[1]], table[ALIGN_COLUMNS[2]] = shifts[:, 0], shifts[:, 1]
     write_star(tmp / "particles.star", table, stack.optics, pixel_size_a=stack.pixel_size_a, box=stack.box)
-    if wiener and stack.has_column("rlnDefocusU"):
-        averages, counts = _wiener_averages(stack, labels, k, pose)
-    else:
-        sums = np.zeros((k, stack.box, stack.box))
-        counts = np.zeros(k, dtype=np.int64)
-        for start, raw in stack.chunks(4096):
-            if pose is not None:  # moved and rotated back into their class average's frame
-                part = slice(start, start + len(raw))
-                raw = to_class_frame(raw, pose[0][part], pose[1][part]).numpy()
-            s, c = class_sums(raw, labels[start : start + len(raw)], k)
-            sums, counts = sums + s, counts + c
-        averages = averages_from_sums(sums, counts)
+    averages, counts = _wiener_averages(stack, labels, k, pose)
     write_mrcs(tmp / "class_averages.mrcs", averages, stack.pixel_size_a)
     classes = pd.DataFrame({
         "rlnImageName": [f"{j:06d}@class_averages.mrcs" for j in range(1, k + 1)],
@@ -303,24 +294,32 @@ def _write_outputs(tmp: Path, out: Path, stack: ParticleStack, labels: np.ndarra
 
 def _wiener_averages(stack: ParticleStack, labels: np.ndarray, k: int,
                      pose: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
-    """CTF-corrected (Wiener) class averages ``(k, d, d)`` of the raw images and the class sizes.
-    With poses the phase-flipped images are moved into their class's frame; the CTF weights are
-    not rotated with them (astigmatism is neglected there)."""
+    """Class averages ``(k, d, d)`` of the raw images and the class sizes, Wiener-filtered as
+    RELION's 2D references are: CTF-corrected when the STAR has CTF columns (ctf ≡ 1 without),
+    and regularised per shell by the SSNR of each class's two half sets
+    (``ssnr_wiener_averages``). With poses the (phase-flipped) images are moved into their
+    class's frame; the CTF weights are not rotated with them (astigmatism is neglected there)."""
     from cryoprior.core.ctf import phase_flip
     from cryoprior.io.relion import ctf_from_star
 
-    num = np.zeros((k, stack.box, stack.box), dtype=np.complex128)
-    den = np.zeros((k, stack.box, stack.box))
+    has_ctf = stack.has_column("rlnDefocusU")
+    num = np.zeros((2 * k, stack.box, stack.box), dtype=np.complex128)
+    den = np.zeros((2 * k, stack.box, stack.box))
     for start, raw in stack.chunks(4096):
         part = slice(start, start + len(raw))
-        ctf = ctf_from_star(stack, np.arange(part.start, part.stop))
-        flipped = phase_flip(torch.as_tensor(raw, dtype=torch.float32), ctf)
+        if has_ctf:
+            ctf = ctf_from_star(stack, np.arange(part.start, part.stop))
+            flipped = phase_flip(torch.as_tensor(raw, dtype=torch.float32), ctf)
+        else:
+            flipped = torch.as_tensor(raw, dtype=torch.float32)
+            ctf = torch.ones_like(flipped)
         if pose is not None:
             flipped = to_class_frame(flipped, pose[0][part], pose[1][part])
-        a, b = ctf_class_sums(flipped.numpy(), ctf.numpy(), labels[part], k, flipped=True)
+        a, b = ctf_class_sums(flipped.numpy(), ctf.numpy(), half_set_labels(labels[part], k, part.start), 2 * k,
+                              flipped=True)
         num, den = num + a, den + b
     counts = np.bincount(labels, minlength=k)
-    return wiener_averages_from_sums(num, den, counts), counts
+    return ssnr_wiener_averages(num, den), counts
 
 
 def run_classify(
@@ -356,7 +355,7 @@ def _run_classify(stack: ParticleStack, in_path, out: Path, config: ClassifyConf
         images = normalized_images(stack, config.mask_radius_px)
         labels, pose = classify_images(images, config, device, stack, tmp)
         del images
-        sizes = _write_outputs(tmp, out, stack, labels, config.classes, pose, wiener=True)
+        sizes = _write_outputs(tmp, out, stack, labels, config.classes, pose)
         seconds = round(time.perf_counter() - t0, 2)
         metrics = None
         if truth is not None:

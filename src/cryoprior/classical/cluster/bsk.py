@@ -5,12 +5,18 @@ assignment: each of the ``k`` clusters gets ``floor(n/k)`` or ``ceil(n/k)`` samp
 of them the larger size), at the least total squared distance to the centres. The centre step is
 the usual mean. Iterates until the labels stop changing.
 
-The balanced assignment is a transportation problem with ``k`` sinks, solved exactly by
-cycle cancelling on the graph of clusters: an edge ``a → b`` costs the cheapest move of one
-sample from ``a`` to ``b`` (``cost[i, b] - cost[i, a]``); a negative cycle (or, when ``n mod k``
-≠ 0, a negative path from a cluster of the larger size to one of the smaller) is an improving
-exchange. Starting from a greedy "largest regret first" assignment, or from the previous round's
-labels, few exchanges are needed, and each costs ``O(nk + k^3)``.
+``size_tolerance`` τ relaxes the sizes to the bounds ``[floor((1-τ) n/k), ceil((1+τ) n/k)]``
+(:func:`size_bounds`): τ = 0 is the paper's exact balance; τ = 0.5 still keeps every class at
+least half the mean size (the degenerate tiny classes BSK exists to prevent), yet lets a real
+70/30 split of two classes stand instead of forcing it to 50/50.
+
+The assignment is a transportation problem with ``k`` sinks of bounded capacity, solved exactly
+by cycle cancelling on the graph of clusters plus one slack node ``s``: an edge ``a → b`` costs
+the cheapest move of one sample from ``a`` to ``b`` (``cost[i, b] - cost[i, a]``); ``s → a``
+(cost 0) exists while ``a`` is above its lower bound, ``b → s`` while ``b`` is below its upper
+bound. A negative cycle is an improving exchange (through ``s``: a path that moves samples from
+one cluster to another). Starting from a greedy "largest regret first" balanced assignment, or
+from the previous round's labels, few exchanges are needed, and each costs ``O(nk + k^3)``.
 
 :func:`reliable_mask` then keeps, within each cluster, the samples nearest to its centre.
 """
@@ -33,12 +39,21 @@ def balanced_sizes(n: int, k: int) -> tuple[int, int, int]:
     return lo, lo + (r > 0), r
 
 
-def _is_balanced(labels: np.ndarray, k: int) -> bool:
-    lo, hi, r = balanced_sizes(len(labels), k)
+def size_bounds(n: int, k: int, size_tolerance: float = 0.0) -> tuple[int, int]:
+    """``(lower, upper)`` cluster sizes allowed: ``floor((1-τ) n/k)`` and ``ceil((1+τ) n/k)``
+    (τ = ``size_tolerance`` in [0, 1]); τ = 0 gives ``floor(n/k)``, ``ceil(n/k)``."""
+    if not 0 <= size_tolerance <= 1:
+        raise ValueError(f"size_tolerance must be in [0, 1], got {size_tolerance}")
+    lo, hi, _ = balanced_sizes(n, k)
+    mean = n / k
+    return min(lo, math.floor((1 - size_tolerance) * mean + 1e-9)), min(n, max(hi, math.ceil((1 + size_tolerance) * mean - 1e-9)))
+
+
+def _within(labels: np.ndarray, k: int, bounds: tuple[int, int]) -> bool:
     if labels.min() < 0 or labels.max() >= k:
         return False
     sizes = np.bincount(labels, minlength=k)
-    return bool(((sizes == lo) | (sizes == hi)).all() and (sizes == hi).sum() == (r if r else k))
+    return bool((sizes >= bounds[0]).all() and (sizes <= bounds[1]).all())
 
 
 def _greedy(cost: np.ndarray) -> np.ndarray:
@@ -62,11 +77,12 @@ def _greedy(cost: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _move_graph(cost: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def _move_graph(cost: np.ndarray, labels: np.ndarray, bounds: tuple[int, int]) -> np.ndarray:
     """Edge weights ``(k+1, k+1)``: the cheapest move of one sample from ``a`` to ``b``; node ``k``
-    links the clusters of the larger size (may give one away) to those of the smaller."""
+    links the clusters above their lower bound (may give one away) to those below their upper
+    bound (may take one)."""
     n, k = cost.shape
-    lo, hi, r = balanced_sizes(n, k)
+    lo, hi = bounds
     order = np.argsort(labels, kind="stable")
     sizes = np.bincount(labels, minlength=k)
     delta = cost[order] - cost[order, labels[order]][:, None]  # (n, k): moving i to each cluster
@@ -75,9 +91,8 @@ def _move_graph(cost: np.ndarray, labels: np.ndarray) -> np.ndarray:
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])[present]
     weights[present, :k] = np.minimum.reduceat(delta, starts, axis=0)  # (clusters, k)
     weights[np.arange(k), np.arange(k)] = np.inf
-    if r:
-        weights[k, :k] = np.where(sizes == hi, 0.0, np.inf)  # a big cluster may give one away
-        weights[:k, k] = np.where(sizes == lo, 0.0, np.inf)  # a small one may take one
+    weights[k, :k] = np.where(sizes > lo, 0.0, np.inf)  # may give one away
+    weights[:k, k] = np.where(sizes < hi, 0.0, np.inf)  # may take one
     return weights
 
 
@@ -107,10 +122,10 @@ def _negative_cycle(weights: np.ndarray, tol: float) -> list[int] | None:
     return cycle if total < -tol else None
 
 
-def _cancel(cost: np.ndarray, labels: np.ndarray, cycle: list[int], tol: float) -> None:
+def _cancel(cost: np.ndarray, labels: np.ndarray, cycle: list[int], tol: float, bounds: tuple[int, int]) -> None:
     """Move samples along ``cycle`` in place: the t-th cheapest mover of every edge together,
     for every t whose exchange (the sum of the t-th moves' costs) is still negative. A path
-    through node ``k`` changes two cluster sizes, so it is taken once."""
+    through node ``k`` changes two cluster sizes, so it moves no more than their bounds allow."""
     k = cost.shape[1]
     edges = [(a, b) for a, b in zip(cycle, cycle[1:] + cycle[:1]) if a < k and b < k]
     movers, gains = [], []
@@ -123,25 +138,30 @@ def _cancel(cost: np.ndarray, labels: np.ndarray, cycle: list[int], tol: float) 
     t = min(len(g) for g in gains)
     total = np.sum([g[:t] for g in gains], axis=0)  # (t,) non-decreasing
     count = max(1, int(np.searchsorted(total, -tol)))  # the first is negative by construction
-    if k in cycle:
-        count = 1
+    if k in cycle:  # s -> giver -> ... -> taker -> s
+        i = cycle.index(k)
+        giver, taker = cycle[(i + 1) % len(cycle)], cycle[i - 1]
+        sizes = np.bincount(labels, minlength=k)
+        count = max(1, min(count, int(sizes[giver] - bounds[0]), int(bounds[1] - sizes[taker])))
     for (_, b), m in zip(edges, movers):
         labels[m[:count]] = b
 
 
-def balanced_assignment(cost, labels=None, max_exchanges: int | None = None) -> np.ndarray:
-    """Labels ``(n,)`` minimising ``sum(cost[i, labels[i]])`` with balanced cluster sizes.
+def balanced_assignment(cost, labels=None, max_exchanges: int | None = None, size_tolerance: float = 0.0) -> np.ndarray:
+    """Labels ``(n,)`` minimising ``sum(cost[i, labels[i]])`` with cluster sizes within
+    :func:`size_bounds` (``size_tolerance`` 0: balanced, ``floor(n/k)`` or ``ceil(n/k)``).
 
-    ``cost`` ``(n, k)``; ``labels``: a balanced starting assignment (e.g. the previous round's),
-    else a greedy one is built. Exact unless ``max_exchanges`` (default ``10 n``) runs out, which
-    is logged.
+    ``cost`` ``(n, k)``; ``labels``: a starting assignment within the bounds (e.g. the previous
+    round's), else a greedy balanced one is built. Exact unless ``max_exchanges`` (default
+    ``10 n``) runs out, which is logged.
     """
     cost = np.asarray(cost, dtype=np.float64)
     if cost.ndim != 2 or not np.isfinite(cost).all():
         raise ValueError(f"cost must be a finite (n, k) array, got shape {cost.shape}")
     n, k = cost.shape
     check_k(k, n)
-    if labels is None or not _is_balanced(np.asarray(labels), k):
+    bounds = size_bounds(n, k, size_tolerance)
+    if labels is None or not _within(np.asarray(labels), k, bounds):
         labels = _greedy(cost)
     labels = np.array(labels, dtype=np.int64)
     if k == 1:
@@ -149,22 +169,23 @@ def balanced_assignment(cost, labels=None, max_exchanges: int | None = None) -> 
     tol = 1e-9 * max(1.0, float(np.abs(cost).max()))
     limit = 10 * n if max_exchanges is None else max_exchanges
     for _ in range(limit):
-        weights = _move_graph(cost, labels)
+        weights = _move_graph(cost, labels, bounds)
         cycle = _negative_cycle(weights, tol)
         if cycle is None:
             return labels
-        _cancel(cost, labels, cycle, tol)
+        _cancel(cost, labels, cycle, tol, bounds)
     log.warning("balanced assignment stopped after %d exchanges before reaching the optimum", limit)
     return labels
 
 
 def bsk_means(
-    x, k: int, seed: int = 0, n_init: int = 3, max_iter: int = 100
+    x, k: int, seed: int = 0, n_init: int = 3, max_iter: int = 100, size_tolerance: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Balanced-Size k-means++ on ``x`` ``(n, p)`` or ``(n, d, d)``, best of ``n_init`` seedings.
 
     Returns ``(labels (n,) int64 in 0..k-1, centres (k, p) float32)``; every cluster holds
-    ``floor(n/k)`` or ``ceil(n/k)`` samples.
+    ``floor(n/k)`` or ``ceil(n/k)`` samples (``size_tolerance`` τ: between ``floor((1-τ) n/k)``
+    and ``ceil((1+τ) n/k)``, :func:`size_bounds`).
     """
     x = as_features(x)
     k = check_k(k, len(x))
@@ -176,7 +197,7 @@ def bsk_means(
         labels = None
         for _ in range(max_iter):
             cost = squared_distances(x, centres)  # (n, k)
-            new = balanced_assignment(cost, labels)
+            new = balanced_assignment(cost, labels, size_tolerance=size_tolerance)
             converged = labels is not None and np.array_equal(new, labels)
             labels = new
             centres = np.stack([x[labels == j].mean(axis=0) for j in range(k)])  # (k, p)
