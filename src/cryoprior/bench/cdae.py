@@ -150,8 +150,11 @@ def _evaluate(stack: ParticleStack, cascade, dncnn, cfg: CDAEConfig, device, see
     flipped, has_ctf = flipped_images(stack)  # what the networks see
     ctf = ctf_from_star(stack, np.arange(len(stack))) if has_ctf else None
 
-    def net(model, images=flipped):  # a network's clean estimate, flipped back with a CTF
+    normalised: dict[str, np.ndarray] = {}  # networks' own output, what clustering sees (as in classify)
+
+    def net(model, name: str, images=flipped):  # a network's clean estimate, flipped back with a CTF
         out = denoise_images(model, images, 256, device)
+        normalised[name] = denoise_images(model, images, 256, device, units="normalised")
         return out if ctf is None else phase_flip(torch.from_numpy(out), ctf).numpy()
 
     t0 = time.perf_counter()
@@ -164,13 +167,13 @@ def _evaluate(stack: ParticleStack, cascade, dncnn, cfg: CDAEConfig, device, see
     shipped = load_shipped()
     dae, _ = single_dae(flipped, cfg, device)
     outputs = {"raw": noisy}
-    outputs["cdae"] = net(tuned)
-    outputs["cdae-pretrained-only"] = net(cascade)
-    outputs["cdae-generic"] = net(generic)
+    outputs["cdae"] = net(tuned, "cdae")
+    outputs["cdae-pretrained-only"] = net(cascade, "cdae-pretrained-only")
+    outputs["cdae-generic"] = net(generic, "cdae-generic")
     if model_box(stack.box, stack.pixel_size_a) == stack.box:
-        outputs["cdae-generic-shipped"] = net(shipped)
-    outputs["single-dae"] = net(dae)
-    outputs["dncnn"] = net(dncnn)
+        outputs["cdae-generic-shipped"] = net(shipped, "cdae-generic-shipped")
+    outputs["single-dae"] = net(dae, "single-dae")
+    outputs["dncnn"] = net(dncnn, "dncnn")
     for name in baselines.available():
         outputs[name] = baselines.denoise(noisy, name)
     table1 = {}
@@ -194,7 +197,10 @@ def _evaluate(stack: ParticleStack, cascade, dncnn, cfg: CDAEConfig, device, see
                                                      *baselines.available())]
     for name, method in runs:
         base, he = name.removesuffix("+he"), name.endswith("+he")
-        img = histogram_equalize(outputs[base]) if he else outputs[base]
+        # k-means normalises each image: the networks' normalised output (in the input's units a
+        # Stein scale clamped at 0 leaves constant images at SNR 0.01)
+        img = normalised.get(base, outputs[base])
+        img = histogram_equalize(img) if he else img
         table2[f"{name} + {method}"] = _scores(labels, _cluster(img, method, seed))
     return {"n": len(noisy), **timing, "psnr": table1, "clustering": table2}
 
