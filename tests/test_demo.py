@@ -16,7 +16,7 @@ from cryoprior.io.stack import ParticleStack
 from cryoprior.workflows import demo as demo_mod
 from cryoprior.workflows.demo import DemoConfig, run_demo
 
-TINY = dict(box=32, pixel_size_a=3.5, views_box=32, views_pixel_size_a=3.5, n_views=300, n_pretrain=100, n_uniform=200, cdae_pretrain_epochs=1,
+TINY = dict(box=32, pixel_size_a=3.5, views_box=32, views_pixel_size_a=3.5, n_views=300, n_uniform=200,
             cdae_finetune_epochs=1, denoisers=["cdae", "lowpass"], device="cpu")
 
 

@@ -105,7 +105,7 @@ def test_single_dae_and_dncnn_train_and_resume(sim, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing_target", "missing_pretrain", "no_levels", "no_pretrain_flag", "bad_star"],
+    ["missing_target", "missing_pretrain", "no_levels", "widths_without_pretrain", "bad_star"],
 )
 def test_train_bad_inputs_fail_cleanly(sim, tmp_path, capsys, case):
     target = str(sim / "target" / "particles.star")
@@ -116,7 +116,7 @@ def test_train_bad_inputs_fail_cleanly(sim, tmp_path, capsys, case):
         "missing_target": (["--pretrain", pre, "--target", str(tmp_path / "nope.star")], "nope.star"),
         "missing_pretrain": (["--pretrain", str(tmp_path / "nodir"), "--target", target], "nodir"),
         "no_levels": (["--pretrain", str(sim / "target"), "--target", target], "particles.star"),
-        "no_pretrain_flag": (["--target", target], "--pretrain"),
+        "widths_without_pretrain": (["--target", target], "--pretrain"),
         "bad_star": (["--pretrain", pre, "--target", str(bad_star)], "bad.star"),
     }[case]
     run = tmp_path / "run"

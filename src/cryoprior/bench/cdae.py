@@ -3,12 +3,17 @@
 Four structures of similar size (max. radius 31–32 Å, radius of gyration 16.5–19 Å):
 pre-train CDAE (and DnCNN) on ``PRETRAIN`` (4 SNR levels × 4 views × n images), then for each
 of the three others and each setting of the grid (SNR 0.1 as in the paper; the harder SNR 0.05
-and 0.01; SNR 0.1 and 0.05 with random in-plane rotations) simulate 4 views × n noisy images and
+and 0.01; SNR 0.1 and 0.05 with random in-plane rotations; SNR 0.1 and 0.05 with a CTF, defocus
+1–3 µm, at uniform orientations, 4 × n images, PSNR only as there are no views to cluster)
+simulate 4 views × n noisy images and
 
 - Table 1: PSNR (dB) of every denoiser against the clean images in the data's units (no fit;
   peak = each clean image's range), and as diagnostics after normalising both per image (an
-  affine fit) and after histogram equalisation: CDAE (fine-tuned on the test images), single
-  DAE, DnCNN and the classical baselines of ``cryoprior.classical``;
+  affine fit) and after histogram equalisation: CDAE (fine-tuned on the test images), the
+  shipped generic CDAE (``cdae-generic``: no PDB, fine-tuned on the test images; also as shipped),
+  single DAE, DnCNN and the classical baselines of ``cryoprior.classical``. With a CTF the
+  networks see phase-flipped images and their output is flipped back (every method estimates the
+  particle as recorded, CTF included); the classical filters see the images as they are;
 - Table 2: macro F1 / precision / recall of clustering into the 4 views: raw images, every
   denoiser's output (k-means; CDAE also with Ward HC and after equalisation; with in-plane
   rotations also k-means up to rotation, ``align-kmeans``, on every image set), and the oracle
@@ -33,10 +38,25 @@ import torch
 from cryoprior import classical as baselines
 from cryoprior.bench.common import write_result
 from cryoprior.classical.cluster import cluster
+from cryoprior.core.ctf import phase_flip
 from cryoprior.core.metrics import classification_scores, psnr
+from cryoprior.io.relion import ctf_from_star
 from cryoprior.io.stack import ParticleStack
 from cryoprior.nn.cdae import CDAEConfig, finetune_cascade, pretrain_cascade, single_dae, with_depth
-from cryoprior.nn.cdae_ops import histogram_equalize, load_levels, normalize, psnr_normalised
+from cryoprior.nn.cdae_generic import (
+    finetune_generic,
+    generic_config,
+    load_shipped,
+    model_box,
+    shipped_record,
+)
+from cryoprior.nn.cdae_ops import (
+    flipped_images,
+    histogram_equalize,
+    load_levels,
+    normalize,
+    psnr_normalised,
+)
 from cryoprior.nn.denoiser import denoise_images
 from cryoprior.nn.dncnn import DnCNNConfig, fit_dncnn
 from cryoprior.nn.training import resolve_device
@@ -47,14 +67,17 @@ PRETRAIN = "1hvr"
 TESTS = ("1h4a", "1or4", "1pwc")
 VIEWS = 4
 PIXEL_SIZE_AT_64 = 1.25  # Å; scaled with the box so that the particle fills the same fraction
-#: name -> (SNR, random in-plane rotation)
-SETTINGS: dict[str, tuple[float, bool]] = {
-    "snr0.1": (0.1, False),
-    "snr0.05": (0.05, False),
-    "snr0.01": (0.01, False),
-    "snr0.1-inplane": (0.1, True),
-    "snr0.05-inplane": (0.05, True),
+#: name -> (SNR, random in-plane rotation, CTF at uniform orientations)
+SETTINGS: dict[str, tuple[float, bool, bool]] = {
+    "snr0.1": (0.1, False, False),
+    "snr0.05": (0.05, False, False),
+    "snr0.01": (0.01, False, False),
+    "snr0.1-inplane": (0.1, True, False),
+    "snr0.05-inplane": (0.05, True, False),
+    "snr0.1-ctf": (0.1, False, True),
+    "snr0.05-ctf": (0.05, False, True),
 }
+DEFOCUS_UM = (1.0, 3.0)  # the CTF settings' defocus range
 FULL = {"cdae": CDAEConfig(), "dncnn": DnCNNConfig()}
 QUICK = {
     "cdae": CDAEConfig(pretrain_epochs=8, finetune_epochs=4, single_dae_epochs=8),
@@ -63,10 +86,11 @@ QUICK = {
 
 
 def _simulate(structure: str, n: int, box: int, snr: float, inplane: bool, seed: int, out: Path,
-              levels: list[float] | None = None) -> ParticleStack:
+              levels: list[float] | None = None, ctf: bool = False) -> ParticleStack:
     config = SimulationConfig(
-        structures=[structure], box=box, pixel_size_a=PIXEL_SIZE_AT_64 * 64 / box, n=n, views=VIEWS,
-        inplane=inplane, snr=snr, snr_levels=levels or [], seed=seed,
+        structures=[structure], box=box, pixel_size_a=PIXEL_SIZE_AT_64 * 64 / box, n=n, views=None if ctf else VIEWS,
+        inplane=inplane, snr=snr, snr_levels=levels or [], seed=seed, ctf=ctf,
+        defocus_min_a=DEFOCUS_UM[0] * 1e4, defocus_max_a=DEFOCUS_UM[1] * 1e4,
     )
     simulate_dataset(config, out)
     return ParticleStack.from_file(out / "particles.star")
@@ -123,15 +147,33 @@ def _evaluate(stack: ParticleStack, cascade, dncnn, cfg: CDAEConfig, device, see
     noisy = stack.images()
     clean = stack.read_image_column("cpCleanImageName")
     labels = stack.column("cpViewLabel").astype(np.int64)
+    flipped, has_ctf = flipped_images(stack)  # what the networks see
+    ctf = ctf_from_star(stack, np.arange(len(stack))) if has_ctf else None
+
+    normalised: dict[str, np.ndarray] = {}  # networks' own output, what clustering sees (as in classify)
+
+    def net(model, name: str, images=flipped):  # a network's clean estimate, flipped back with a CTF
+        out = denoise_images(model, images, 256, device)
+        normalised[name] = denoise_images(model, images, 256, device, units="normalised")
+        return out if ctf is None else phase_flip(torch.from_numpy(out), ctf).numpy()
+
     t0 = time.perf_counter()
-    tuned, _ = finetune_cascade(cascade, noisy, cfg, device)
+    tuned, _ = finetune_cascade(cascade, flipped, cfg, device)
     finetune_s = time.perf_counter() - t0
-    dae, _ = single_dae(noisy, cfg, device)
+    gcfg = generic_config(dataclasses.replace(cfg, widths=None))
+    t0 = time.perf_counter()
+    generic, _, _ = finetune_generic(flipped, stack.pixel_size_a, gcfg, device)
+    generic_s = time.perf_counter() - t0
+    shipped = load_shipped()
+    dae, _ = single_dae(flipped, cfg, device)
     outputs = {"raw": noisy}
-    outputs["cdae"] = denoise_images(tuned, noisy, 256, device)
-    outputs["cdae-pretrained-only"] = denoise_images(cascade, noisy, 256, device)
-    outputs["single-dae"] = denoise_images(dae, noisy, 256, device)
-    outputs["dncnn"] = denoise_images(dncnn, noisy, 256, device)
+    outputs["cdae"] = net(tuned, "cdae")
+    outputs["cdae-pretrained-only"] = net(cascade, "cdae-pretrained-only")
+    outputs["cdae-generic"] = net(generic, "cdae-generic")
+    if model_box(stack.box, stack.pixel_size_a) == stack.box:
+        outputs["cdae-generic-shipped"] = net(shipped, "cdae-generic-shipped")
+    outputs["single-dae"] = net(dae, "single-dae")
+    outputs["dncnn"] = net(dncnn, "dncnn")
     for name in baselines.available():
         outputs[name] = baselines.denoise(noisy, name)
     table1 = {}
@@ -141,18 +183,26 @@ def _evaluate(stack: ParticleStack, cascade, dncnn, cfg: CDAEConfig, device, see
             "psnr_fitted_db": round(float(psnr_normalised(img, clean).mean()), 2),
             "psnr_equalized_db": round(float(psnr_normalised(histogram_equalize(img), clean).mean()), 2),
         }
+    timing = {"finetune_seconds": round(finetune_s, 1), "generic_finetune_seconds": round(generic_s, 1)}
+    if (labels < 0).any():  # uniform orientations: no views to cluster
+        return {"n": len(noisy), **timing, "psnr": table1, "clustering": {}}
     table2 = {"oracle": _scores(labels, _oracle(noisy, clean, labels))}
     runs = [("raw", "kmeans"), ("raw", "hc"), ("raw", "pca-kmeans"), ("cdae", "kmeans"), ("cdae", "hc"),
             ("cdae+he", "kmeans"), ("cdae+he", "hc"), ("cdae-pretrained-only", "kmeans"),
+            ("cdae-generic", "kmeans"), ("cdae-generic-shipped", "kmeans"),
             ("single-dae", "kmeans"), ("single-dae+he", "kmeans"), ("dncnn", "kmeans"), ("dncnn+he", "kmeans")]
     runs += [(name, "kmeans") for name in baselines.available()]
     if inplane:  # rotated views: also k-means up to in-plane rotation, on every image set
-        runs += [(name, "align-kmeans") for name in ("raw", "cdae", "single-dae", "dncnn", *baselines.available())]
+        runs += [(name, "align-kmeans") for name in ("raw", "cdae", "cdae-generic", "single-dae", "dncnn",
+                                                     *baselines.available())]
     for name, method in runs:
         base, he = name.removesuffix("+he"), name.endswith("+he")
-        img = histogram_equalize(outputs[base]) if he else outputs[base]
+        # k-means normalises each image: the networks' normalised output (in the input's units a
+        # Stein scale clamped at 0 leaves constant images at SNR 0.01)
+        img = normalised.get(base, outputs[base])
+        img = histogram_equalize(img) if he else img
         table2[f"{name} + {method}"] = _scores(labels, _cluster(img, method, seed))
-    return {"n": len(noisy), "finetune_seconds": round(finetune_s, 1), "psnr": table1, "clustering": table2}
+    return {"n": len(noisy), **timing, "psnr": table1, "clustering": table2}
 
 
 def markdown(result: dict) -> str:
@@ -169,6 +219,9 @@ def markdown(result: dict) -> str:
                      f"({per_structure[s]['psnr'][den].get('psnr_fitted_db', math.nan):.2f} / "
                      f"{per_structure[s]['psnr'][den]['psnr_equalized_db']:.2f})" for s in names]
             lines.append(f"| {den} | " + " | ".join(cells) + " |")
+        if not next(iter(per_structure.values()))["clustering"]:
+            lines += ["", "(uniform orientations: no views to cluster)", ""]
+            continue
         lines += ["", "Table 2 — clustering F1 (precision / recall)", ""]
         lines += ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for method in next(iter(per_structure.values()))["clustering"]:
@@ -221,13 +274,16 @@ def run(
         )
         grid: dict = {}
         for i, (setting, structure) in enumerate(progress(jobs, "bench cdae")):
-            snr, inplane = SETTINGS[setting]
-            stack = _simulate(structure, VIEWS * n, box, snr, inplane, seed + 10 + i, work / f"{setting}_{structure}")
+            snr, inplane, ctf = SETTINGS[setting]
+            stack = _simulate(structure, VIEWS * n, box, snr, inplane, seed + 10 + i, work / f"{setting}_{structure}",
+                              ctf=ctf)
             grid.setdefault(setting, {})[structure] = _evaluate(stack, cascade, dncnn, cfg, dev, seed, inplane)
     result = {
         "n_per_view": n, "n_pretrain_per_view": n_pretrain, "box": box, "views": VIEWS, "quick": quick, "device": str(dev),
         "threads": torch.get_num_threads(), "machine": platform.machine(),
         "pretrain_structure": PRETRAIN, "test_structures": list(TESTS),
+        "generic_model": {k: shipped_record()[k] for k in ("reference_pixel_size_a", "arch", "structures")},
+        "topaz": "not run: Topaz-Denoise is an optional extra, not installed here",
         "pretrain_seconds": round(pretrain_s, 1), "dncnn_train_seconds": round(dncnn_s, 1),
         "pretrain_losses": {k: [round(v, 4) for v in c] for k, c in curves.items()},
         "inference_images_per_s": speed,

@@ -13,7 +13,7 @@ needs another --out.
 
 example:
   cryoprior demo
-  cryoprior demo --out small_demo --box 32 --pixel-size 3.5 --n-views 500 --n-pretrain 500 --n-uniform 500
+  cryoprior demo --out small_demo --box 32 --pixel-size 3.5 --n-views 500 --n-uniform 500
   cryoprior report cryoprior_demo     # the report again, e.g. after an interrupted run
 """
 

@@ -1,8 +1,10 @@
 """Train a particle-image denoiser (CDAE, single DAE, DnCNN, robust GAN, DRVAE) or apply a trained one.
 
-  train  --method cdae: pre-train a cascade of 3 denoising autoencoders on simulated SNR pairs
-         (--pretrain, from `cryoprior simulate --snr-levels 0.1 0.4 0.6 inf`), then fine-tune
-         it on --target towards k-NN means (no clean images needed);
+  train  --method cdae: fine-tune a cascade of 3 denoising autoencoders on --target towards
+         k-NN means (no clean images needed): without --pretrain the shipped generic CDAE
+         (many structures, CTF; the stack is phase-flipped and resampled to its 1.25 Å pixel);
+         with --pretrain SIM_DIR (`cryoprior simulate --snr-levels 0.1 0.4 0.6 inf`) a cascade
+         pre-trained there first;
          --method single-dae: one autoencoder, no pre-training (the paper's ablation);
          --method dncnn: DnCNN trained on the --pretrain pairs (SNR 0.1 -> clean), a baseline;
          --method gan: robust GAN, a ResNet autoencoder + (alpha,beta)-GAN / WGAN-GP / no GAN
@@ -14,6 +16,7 @@
          also writes labels (rounds/), curves.json; apply gives the input's units.
          Writes RUN_DIR: model.pt, checkpoints/, config.yaml, losses.json/.png, metrics.json.
          --resume continues an interrupted run from its last checkpoints.
+  pretrain-generic  train the generic CDAE (how the shipped one was made; src/cryoprior/data/cdae).
   apply  denoise a stack: OUT/denoised.mrcs and OUT/particles.star pointing at it; the images
          are estimates of the clean particles in the input's intensity units (--normalised:
          the network's per-image normalised output instead).
@@ -21,7 +24,8 @@
 example:
   cryoprior simulate --structure 1hvr --box 64 --pixel-size 1.25 --n 4000 --views 4 \\
       --snr-levels 0.1 0.4 0.6 inf --out sim_pre
-  cryoprior denoise train --method cdae --pretrain sim_pre --target particles.star --out run_cdae
+  cryoprior denoise train --method cdae --target particles.star --out run_cdae
+  cryoprior denoise train --method cdae --pretrain sim_pre --target particles.star --out run_cdae_own
   cryoprior denoise apply --model run_cdae particles.star --out denoised/
   cryoprior denoise train --method gan --gan beta --alpha 0.5 --beta 0.5 --recon-loss l1 --lambda 10 \\
       --reference-map run_class001.mrc --target particles.star --out run_gan
@@ -36,6 +40,7 @@ import json
 from cryoprior.config import add_config_args, config_from_args
 from cryoprior.io.star import OpticsFlags
 from cryoprior.nn.cdae import CDAEConfig
+from cryoprior.nn.cdae_generic import GenericCDAEConfig, train_generic
 from cryoprior.nn.denoiser import PRECISIONS
 from cryoprior.nn.dncnn import SHARED_FIELDS, DnCNNConfig
 from cryoprior.nn.drvae import DRVAEConfig
@@ -51,7 +56,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     train = sub.add_parser("train", help="train a denoiser into a run folder", formatter_class=fmt,
                            description=__doc__)
     train.add_argument("--method", choices=pipeline.METHODS, default="cdae", help="denoiser (default: cdae)")
-    train.add_argument("--pretrain", metavar="SIM_DIR", help="simulated folder with SNR levels")
+    train.add_argument("--pretrain", metavar="SIM_DIR", help="simulated folder with SNR levels (cdae without it: "
+                       "fine-tune the shipped generic CDAE)")
     train.add_argument("--target", metavar="IN.star", help="particle stack to fine-tune on (STAR/MRCS)")
     train.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to create")
     train.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
@@ -66,6 +72,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                      "at the --target particles' poses with their CTF")
     add_config_args(gan, GANConfig, skip=("seed",))
     add_config_args(train.add_argument_group("DRVAE"), DRVAEConfig, skip=("seed",))
+
+    generic = sub.add_parser("pretrain-generic", help="train the generic CDAE (as the shipped one)",
+                             formatter_class=fmt, description=__doc__)
+    generic.add_argument("--out", required=True, metavar="DIR", help="folder for model.pt, model.json, checkpoints/")
+    generic.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
+    add_config_args(generic, GenericCDAEConfig)
 
     apply = sub.add_parser("apply", help="denoise a particle stack with a trained model", formatter_class=fmt,
                            description=__doc__)
@@ -85,6 +97,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.action == "pretrain-generic":
+        out = train_generic(config_from_args(GenericCDAEConfig, args), args.out, args.device)
+        print(f"wrote {out}/model.pt and {out}/model.json")
+        return 0
     if args.action == "train":
         metrics = pipeline.train(
             args.method, args.out, pretrain=args.pretrain, target=args.target,

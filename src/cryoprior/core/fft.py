@@ -72,3 +72,42 @@ def radius_grid(d: int, ndim: int = 2, device=None, dtype=torch.float32) -> torc
     r = torch.arange(d, device=device, dtype=dtype) - d // 2
     grids = torch.meshgrid(*([r] * ndim), indexing="ij")
     return torch.sqrt(sum(g * g for g in grids))
+
+
+def _resize_axis(f: torch.Tensor, m: int, dim: int) -> torch.Tensor:
+    """Crop or zero-pad centred spectra ``f`` along ``dim`` to ``m`` samples. An even-sized
+    Nyquist sample is split in halves between ±Nyquist when padding and the two halves are
+    summed when cropping, so that padding then cropping back is exact."""
+    d = f.shape[dim]
+    if m == d:
+        return f
+    f = f.movedim(dim, -1)
+    if m > d:
+        out = f.new_zeros(*f.shape[:-1], m)
+        lo = m // 2 - d // 2
+        out[..., lo : lo + d] = f
+        if d % 2 == 0:  # source index 0 is -Nyquist: half there, half at +Nyquist
+            out[..., lo] = 0.5 * f[..., 0]
+            out[..., lo + d] = 0.5 * f[..., 0]
+    else:
+        lo = d // 2 - m // 2
+        out = f[..., lo : lo + m].clone()
+        if m % 2 == 0 and lo + m < d:  # the new -Nyquist also takes the +Nyquist sample
+            out[..., 0] = out[..., 0] + f[..., lo + m]
+    return out.movedim(-1, dim)
+
+
+def fourier_resample(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resample real images ``(..., d, d)`` to ``(..., size, size)`` by cropping (``size < d``:
+    the band above the new Nyquist is dropped) or zero-padding (``size > d``) their centred
+    spectrum; values keep their units (a constant image stays that constant), and the pixel size
+    becomes ``pixel · d / size``. Padding then cropping back returns the images exactly."""
+    d = images.shape[-1]
+    if images.shape[-2] != d:
+        raise ValueError(f"images must be square, got shape {tuple(images.shape)}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    if size == d:
+        return images.clone()
+    f = _resize_axis(_resize_axis(fft2c(images), size, -2), size, -1)
+    return ifft2c(f).real * (size / d) ** 2

@@ -45,6 +45,7 @@ from cryoprior.nn.cdae_ops import (
     KNN_METRICS,
     as_images,
     estimate_particle_diameter_px,
+    flipped_images,
     histogram_equalize,
     knn_mean_targets,
     load_levels,
@@ -328,10 +329,14 @@ def single_dae(
 
 
 # --------------------------------------------------------------------------------- run folders
-def _target_images(target_stack) -> torch.Tensor:
+def _target_images(target_stack) -> tuple[torch.Tensor, bool]:
+    """The target's images ``(n, d, d)``, phase-flipped when it is a stack with CTF columns, and
+    whether they were."""
     if isinstance(target_stack, (str, Path)):
         target_stack = ParticleStack.from_file(target_stack)
-    return as_images(target_stack)
+    if isinstance(target_stack, ParticleStack):
+        return flipped_images(target_stack)
+    return as_images(target_stack), False
 
 
 def train_cdae(
@@ -351,7 +356,7 @@ def train_cdae(
     config = config or CDAEConfig()
     config.validate()
     out_dir = Path(out_dir)
-    images = _target_images(target_stack)
+    images, flipped = _target_images(target_stack)
     config = with_depth(config, images, getattr(target_stack, "pixel_size_a", None))
     levels = load_levels(pretrain_dir, config.pretrain_snrs)
     if levels[0].shape[-2:] != images.shape[-2:]:
@@ -366,7 +371,7 @@ def train_cdae(
     cascade, ft_curves = finetune_cascade(cascade, images, config, device, ckdir)
     curves.update(ft_curves)
     save_model(out_dir / "model.pt", "cdae", {"kind": "cdae", "n_blocks": config.n_blocks, **config.block_arch()},
-               cascade, config_to_dict(config))
+               cascade, {**config_to_dict(config), "phase_flip": flipped})
     save_loss_curves(curves, out_dir)
     return out_dir
 
@@ -378,12 +383,12 @@ def train_single_dae(
     config = config or CDAEConfig()
     config.validate()
     out_dir = Path(out_dir)
-    images = _target_images(target_stack)
+    images, flipped = _target_images(target_stack)
     config = with_depth(config, images, getattr(target_stack, "pixel_size_a", None))
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     write_run_config(out_dir / "config.yaml", config, method="single-dae")
     block, losses = single_dae(images, config, device, out_dir / "checkpoints" / "single_dae.pt")
     save_model(out_dir / "model.pt", "single-dae", {"kind": "dae", **config.block_arch()}, block,
-               config_to_dict(config))
+               {**config_to_dict(config), "phase_flip": flipped})
     save_loss_curves({"single DAE": losses}, out_dir)
     return out_dir

@@ -38,6 +38,21 @@ def as_images(images) -> torch.Tensor:
     return x.to(torch.float32)
 
 
+def flipped_images(stack: ParticleStack, chunk: int = 4096) -> tuple[torch.Tensor, bool]:
+    """All images ``(n, d, d)`` float32 of ``stack``, phase-flipped by each particle's CTF when
+    the STAR has CTF columns (as the CDAE networks see them), and whether they were."""
+    from cryoprior.core.ctf import phase_flip
+    from cryoprior.io.relion import ctf_from_star
+
+    if not stack.has_column("rlnDefocusU"):
+        return as_images(stack), False
+    out = torch.empty(len(stack), stack.box, stack.box)
+    for start, images in stack.chunks(chunk):
+        rows = np.arange(start, start + len(images))
+        out[rows] = phase_flip(torch.from_numpy(np.asarray(images, dtype=np.float32)), ctf_from_star(stack, rows))
+    return out, True
+
+
 def normalize(images) -> torch.Tensor:
     """Images ``(n, d, d)`` → ``(n, 1, d, d)`` float32, each zero mean and unit variance."""
     return normalize_images(as_images(images)).unsqueeze(1)  # (n, 1, d, d)

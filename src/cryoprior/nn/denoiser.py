@@ -25,7 +25,7 @@ from cryoprior.classical.denoisers import estimate_noise_sigma
 from cryoprior.errors import InputError
 from cryoprior.fileutil import atomic_path
 from cryoprior.nn.cdae_ops import as_images, histogram_equalize, normalize
-from cryoprior.nn.models.cdae import CDAECascade, ConvAEBlock
+from cryoprior.nn.models.cdae import CDAECascade, ConvAEBlock, ResampledCascade
 from cryoprior.nn.models.dncnn import DnCNN
 from cryoprior.nn.models.drvae import DRVAEDenoiser
 from cryoprior.nn.models.resnet import ResNetAutoencoder, ResNetConfig, fuse_batchnorm
@@ -37,7 +37,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 UNITS = ("input", "normalised")
 
 #: arch kind -> constructor
-ARCHS: dict[str, type[nn.Module]] = {"cdae": CDAECascade, "dae": ConvAEBlock, "dncnn": DnCNN, "drvae": DRVAEDenoiser}
+ARCHS: dict[str, type[nn.Module]] = {"cdae": CDAECascade, "dae": ConvAEBlock, "dncnn": DnCNN, "drvae": DRVAEDenoiser,
+                                     "cdae-resampled": ResampledCascade}
 ARCHS["resnet-ae"] = lambda **kw: ResNetAutoencoder(ResNetConfig(**kw))  # the robust-GAN generator
 
 

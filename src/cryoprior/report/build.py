@@ -262,8 +262,9 @@ def _denoise_section(page: Page, items: list[tuple[Path, dict]], stages: dict) -
     if histories:
         page.figure(plots.training_curves(histories), "training_curves",
                     "Training loss per epoch (mean squared error, normalised image units) of each network, from "
-                    "its <code>losses.json</code>. CDAE: each block pre-trained on simulated SNR pairs, then "
-                    "fine-tuned on the stack towards the means of each image's nearest neighbours.",
+                    "its <code>losses.json</code>. CDAE: each block (pre-trained on simulated SNR pairs: the shipped "
+                    "generic model unless the run had <code>--pretrain</code>) fine-tuned on the stack towards "
+                    "the means of each image's nearest neighbours.",
                     "training curves")
 
 

@@ -1,12 +1,10 @@
 """``cryoprior demo``: the main job on the default data, stage by stage, resumable, with a report.
 
 1. simulate the default data from adenylate kinase (PDB 1AKE): a four-view stack at SNR 0.03,
-   64 px of 1.25 Å (denoising, classification), a separate four-view set with the same
-   projections at SNR 0.1, 0.4, 0.6 and clean for CDAE pre-training (other view directions and
-   noise), and a CTF-modulated stack at uniform orientations, SNR 0.1, 48 px of 2.5 Å
+   64 px of 1.25 Å (denoising, classification), and a CTF-modulated stack at uniform orientations, SNR 0.1, 48 px of 2.5 Å
    (reconstruction); measure the SNR they really have;
-2. denoise the four-view stack with each denoiser: CDAE (pre-trained on the simulated ladder,
-   fine-tuned on the stack) and the classical baselines, scored against the clean projections;
+2. denoise the four-view stack with each denoiser: CDAE (the shipped generic model, pre-trained
+   on other structures, fine-tuned on the stack; no PDB of the sample) and the classical baselines, scored against the clean projections;
 3. classify it into k = 4 classes: k-means on the raw images and on each denoiser's output, and
    the oracle (the true labels), scored against the true views;
 4. reconstruct the uniform stack at its known poses with the Gaussian prior and with RED (the
@@ -56,10 +54,6 @@ class DemoConfig:
     """Sizes and choices of the demo; the defaults fit 10 minutes on a 2-core CPU."""
 
     structure: str = field(default="1ake", metadata={"help": "built-in id or a PDB/mmCIF/MRC file"})
-    pretrain_structure: str = field(
-        default="1hvr", metadata={"help": "structure CDAE pre-trains on: not the one it is scored on, whose "
-                                          "clean images the baselines never see (1hvr: bench cdae's)"},
-    )
     box: int = field(default=48, metadata={"help": "image size in pixels of the reconstruction stack"})
     pixel_size_a: float = field(default=2.5, metadata={"flag": "--pixel-size", "help": "Å/pixel of the reconstruction stack"})
     snr: float = field(default=0.1, metadata={"help": "SNR of the reconstruction stack"})
@@ -72,7 +66,6 @@ class DemoConfig:
     )
     views_snr: float = field(default=0.03, metadata={"help": "SNR of the four-view stack that is denoised and classified"})
     n_views: int = field(default=1500, metadata={"help": "particles of the four-view stack"})
-    n_pretrain: int = field(default=1500, metadata={"help": "particles of the CDAE pre-training set"})
     n_uniform: int = field(default=2000, metadata={"help": "particles of the uniform CTF stack"})
     denoisers: list[str] = field(
         default_factory=lambda: ["cdae", "nlm", "lowpass"], metadata={"help": f"any of {', '.join(DENOISERS)}"}
@@ -83,9 +76,8 @@ class DemoConfig:
     red_model: str | None = field(
         default=None, metadata={"metavar": "DIR", "help": "3D denoiser for RED: a train-prior3d folder (None: the shipped one)"}
     )
-    # fewer than CDAE's own defaults (10, 8): longer MSE training smooths the view differences
-    # away (PSNR up, k-means F1 down; figures in docs/benchmarks.md, CDAE)
-    cdae_pretrain_epochs: int = field(default=6, metadata={"help": "CDAE pre-training epochs per block"})
+    # fewer than CDAE's own default (8): longer MSE training smooths the view differences away
+    # (PSNR up, k-means F1 down; figures in docs/benchmarks.md, CDAE)
     cdae_finetune_epochs: int = field(default=3, metadata={"help": "CDAE fine-tuning epochs per block"})
     seed: int = field(default=0, metadata={"help": "random seed of every stage"})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"], "help": "torch device"})
@@ -95,7 +87,7 @@ class DemoConfig:
         if unknown:
             raise InputError(f"unknown denoiser or prior {', '.join(unknown)}; denoisers: {', '.join(DENOISERS)}; "
                              f"priors: {', '.join(PRIORS)}")
-        if min(self.n_views, self.n_pretrain, self.n_uniform) < 2 * K_VIEWS:
+        if min(self.n_views, self.n_uniform) < 2 * K_VIEWS:
             raise InputError(f"every stack needs at least {2 * K_VIEWS} particles")
 
 
@@ -136,24 +128,20 @@ def image_scores(images: np.ndarray, clean: np.ndarray, chunk: int = 512) -> dic
 
 
 # ---- the configs of the stages ---------------------------------------------------------------
-DATASETS = ("views", "pretrain", "uniform")
+DATASETS = ("views", "uniform")
 
 
 def cdae_config(cfg: DemoConfig):
     from cryoprior.nn.cdae import CDAEConfig
 
-    return CDAEConfig(pretrain_epochs=cfg.cdae_pretrain_epochs, finetune_epochs=cfg.cdae_finetune_epochs, seed=cfg.seed)
+    return CDAEConfig(finetune_epochs=cfg.cdae_finetune_epochs, seed=cfg.seed)
 
 
 def dataset_config(cfg: DemoConfig, name: str) -> SimulationConfig:
-    """The config of dataset ``name``: ``views``, ``pretrain`` (CDAE's SNR ladder) or ``uniform``."""
+    """The config of dataset ``name``: ``views`` or ``uniform``."""
     views = dict(structures=[cfg.structure], box=cfg.views_box, pixel_size_a=cfg.views_pixel_size_a, views=K_VIEWS)
     if name == "views":
         return SimulationConfig(**views, n=cfg.n_views, snr=cfg.views_snr, seed=cfg.seed)
-    if name == "pretrain":  # another molecule: CDAE never sees the clean images it is scored against
-        ladder = list(cdae_config(cfg).pretrain_snrs)
-        pre = dict(views, structures=[cfg.pretrain_structure])
-        return SimulationConfig(**pre, n=cfg.n_pretrain, snr=ladder[0], snr_levels=ladder, seed=cfg.seed + 2)
     return SimulationConfig(structures=[cfg.structure], box=cfg.box, pixel_size_a=cfg.pixel_size_a, n=cfg.n_uniform,
                             snr=cfg.snr, seed=cfg.seed + 1, ctf=True, shift_a=2 * cfg.pixel_size_a)
 
@@ -223,13 +211,14 @@ class _Demo:
         return cdae_config(self.cfg)
 
     def denoise_cdae(self) -> dict:
-        """``cryoprior denoise train --method cdae`` (resumed from its checkpoints), then applied."""
+        """``cryoprior denoise train --method cdae`` without ``--pretrain``: the shipped generic CDAE
+        fine-tuned on the stack (resumed from its checkpoints), then applied."""
         from cryoprior.nn import cdae
         from cryoprior.workflows.denoise import train
 
         config = self._cdae_config()
         folder = self.run.path / "denoise_cdae"
-        train("cdae", folder, pretrain=self.data / "pretrain", target=self.views_star, cdae=config,
+        train("cdae", folder, target=self.views_star, cdae=config,
               device=str(self.device), resume=True)
         model = cdae.load_model(folder, self.device)
         images = ParticleStack.from_file(self.views_star).images()
@@ -347,8 +336,6 @@ def plan(cfg: DemoConfig, device: torch.device) -> list[Stage]:
             denoise_why[m] = base_why or (None if m in here else f"baseline {m!r} is not available here "
                                           f"({', '.join(here)} are)")
     stages: list[Stage] = [("simulate_views", "simulate", ("views",), None)]
-    if "cdae" in cfg.denoisers and cdae_why is None:
-        stages.append(("simulate_pretrain", "simulate", ("pretrain",), None))
     stages += [("simulate_uniform", "simulate", ("uniform",), None), ("measure_snr", "measure_snr", (), None)]
     stages += [(f"denoise_{m}", "denoise_cdae", (), denoise_why[m]) if m == "cdae"
                else (f"denoise_{m}", "denoise_baseline", (m,), denoise_why[m]) for m in cfg.denoisers]

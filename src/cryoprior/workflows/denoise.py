@@ -16,12 +16,15 @@ import numpy as np
 import torch
 
 from cryoprior.config import config_to_dict, read_run_config, write_run_config
+from cryoprior.core.ctf import phase_flip
 from cryoprior.core.metrics import psnr
 from cryoprior.errors import InputError, OutputExistsError
 from cryoprior.fileutil import atomic_dir, foreign_entries, output_folder
+from cryoprior.io.relion import ctf_from_star
 from cryoprior.io.stack import ParticleStack
 from cryoprior.io.star import OpticsFlags
 from cryoprior.nn.cdae import CDAEConfig, train_cdae, train_single_dae
+from cryoprior.nn.cdae_generic import shipped_record, train_cdae_generic
 from cryoprior.nn.cdae_ops import check_levels, histogram_equalize, psnr_normalised
 from cryoprior.nn.denoiser import denoise_images, load_model, read_model_file, resolved_precision
 from cryoprior.nn.dncnn import DnCNNConfig, train_dncnn
@@ -57,9 +60,13 @@ def _check_inputs(method: str, pretrain, target, cdae: CDAEConfig, dncnn: DnCNNC
     """Validate everything (nothing is written); returns the opened target stack."""
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    needs_pretrain, needs_target = method in ("cdae", "dncnn"), method in ("cdae", "single-dae", "drvae")
+    needs_pretrain, needs_target = method == "dncnn", method in ("cdae", "single-dae", "drvae")
     if needs_pretrain and pretrain is None:
         raise InputError(f"--method {method} needs --pretrain SIM_DIR (simulated SNR pairs)")
+    if method == "cdae" and pretrain is None:  # fine-tunes the shipped generic CDAE
+        if cdae.widths is not None:
+            raise InputError("--widths needs --pretrain SIM_DIR: the shipped generic CDAE's depth is fixed")
+        shipped_record()
     if needs_target and target is None:
         raise InputError(f"--method {method} needs --target IN.star (the stack to fine-tune on)")
     (dncnn if method == "dncnn" else cdae).validate()
@@ -112,6 +119,21 @@ def _prepare_out(out: Path, method: str, resume: bool, overwrite: bool, config) 
         raise InputError(f"cannot resume: the run was started with another config ({listing})", out)
 
 
+def denoise_flipped(model, stack: ParticleStack, rows: np.ndarray, images: np.ndarray, batch_size: int, device,
+                    equalize: bool = False, precision: str = "fp32", units: str = "input") -> np.ndarray:
+    """``denoise_images`` of ``images`` (rows ``rows`` of ``stack``), phase-flipped by their CTFs
+    before the network and flipped back after it when the model was trained on phase-flipped
+    images (``phase_flip`` in its config) and the STAR has CTF columns: an estimate of the particle
+    as recorded, CTF included, in the input's units (equalised output is not flipped back)."""
+    flip = bool(getattr(model, "cryoprior_config", {}).get("phase_flip")) and stack.has_column("rlnDefocusU")
+    if not flip:
+        return denoise_images(model, images, batch_size, device, equalize, precision, units)
+    ctf = ctf_from_star(stack, np.asarray(rows))
+    x = phase_flip(torch.as_tensor(np.asarray(images, dtype=np.float32)), ctf)
+    out = denoise_images(model, x, batch_size, device, equalize, precision, units)
+    return out if equalize else phase_flip(torch.from_numpy(out), ctf).numpy()
+
+
 def truth_metrics(model, stack: ParticleStack, device, config: CDAEConfig, max_images: int = 4000) -> dict:
     """PSNR (dB, mean over images, peak = each clean image's range) of the noisy input and the
     denoised output against ``cpCleanImageName`` in the data's units, on up to ``max_images``;
@@ -120,7 +142,7 @@ def truth_metrics(model, stack: ParticleStack, device, config: CDAEConfig, max_i
     idx = np.arange(min(len(stack), max_images))
     noisy, clean = stack.images(idx), stack.read_image_column(CLEAN_COLUMN, idx)
     t0 = time.perf_counter()
-    denoised = denoise_images(model, noisy, config.batch_size_inference, device, precision=config.precision)
+    denoised = denoise_flipped(model, stack, idx, noisy, config.batch_size_inference, device, precision=config.precision)
     seconds = time.perf_counter() - t0
     return {
         "n_images": len(idx),
@@ -200,7 +222,9 @@ def _train(method, out: Path, stack, pretrain, target, cdae: CDAEConfig, dncnn: 
     run.attach_log()
     try:
         t0 = time.perf_counter()
-        if method == "cdae":
+        if method == "cdae" and pretrain is None:
+            train_cdae_generic(stack, cdae, out, dev)
+        elif method == "cdae":
             train_cdae(pretrain, stack, cdae, out, dev)
         elif method == "single-dae":
             train_single_dae(stack, cdae, out, dev)
@@ -277,7 +301,8 @@ def _apply(model, record, model_dir, stack, in_path, out, batch_size, equalize, 
                 if scaled:
                     yield start, denoise_gan.denoise_with(model, record, chunk, in_scale, batch_size, dev, precision)
                 else:
-                    yield start, denoise_images(model, chunk, batch_size, dev, equalize, precision, units)
+                    rows = np.arange(start, start + len(chunk))
+                    yield start, denoise_flipped(model, stack, rows, chunk, batch_size, dev, equalize, precision, units)
                 pbar.update(len(chunk))
 
     with atomic_dir(out, overwrite=overwrite) as tmp:

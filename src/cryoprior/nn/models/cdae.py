@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cryoprior.core.fft import fourier_resample
 from cryoprior.core.filters import normalize_images
 
 DEFAULT_WIDTHS = (8, 16, 32)
@@ -114,3 +115,20 @@ class CDAECascade(nn.Module):
                 x = normalize_images(x.float())  # statistics in float32 under bf16 autocast
             x = block(x)
         return x
+
+
+class ResampledCascade(nn.Module):
+    """A cascade trained on another pixel grid (the shipped generic CDAE): ``(b, 1, d, d)`` →
+    resampled in Fourier space to ``model_box`` px, normalised per image, the cascade, resampled
+    back to ``d`` px."""
+
+    def __init__(self, model_box: int, n_blocks: int = 3, **block_kw):
+        super().__init__()
+        self.model_box = int(model_box)
+        self.inner = CDAECascade(n_blocks, **block_kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1]
+        y = fourier_resample(x.float().contiguous(), self.model_box)  # (b, 1, m, m)
+        y = self.inner(normalize_images(y))
+        return fourier_resample(y.float().contiguous(), d).to(x.dtype)
