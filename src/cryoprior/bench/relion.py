@@ -179,20 +179,22 @@ def _write(result: dict, out: Path) -> None:
 
 def run(quick: bool = False, out_dir: str = "bench_relion", n: int = 800, box: int = 48,
         arms: tuple[str, ...] = ARMS, known_pose_n: int | None = None, known_pose_box: int = 64,
-        known_poses: bool = True, work_dir: str | None = None) -> dict:
+        known_poses: bool = True, work_dir: str | None = None, structures: list[str] | None = None,
+        snrs: list[float] | None = None) -> dict:
     """Every case (structure × SNR) runs ``arms`` then the known-pose comparison, on its own stack of
     ``known_pose_n`` particles at ``known_pose_box`` (default 4,000 at box 64, 800 with ``quick``),
     so that start-up does not dominate the timing (``known_poses=False``: skipped). Cases run SNR by
     SNR, so a cut-short run still covers every structure. The JSON and Markdown are rewritten after each
     arm (``"complete": false`` until the end). Stacks and RELION runs stay in ``work_dir`` when
-    given (else a temporary folder)."""
+    given (else a temporary folder). ``structures`` / ``snrs`` override the grid (a shorter run)."""
     missing = relion_available()
     if missing:
         raise CryopriorError(f"bench relion needs RELION 3.1 on PATH (missing: {missing})")
     from cryoprior.bench.common import pick_structures
 
-    structures, source = pick_structures(1 if quick else 2)
-    snrs = [0.05] if quick else [0.05, 0.02]
+    picked, source = pick_structures(1 if quick else 2)
+    structures = structures or picked
+    snrs = snrs or ([0.05] if quick else [0.05, 0.02])
     known_pose_n = known_pose_n or (800 if quick else 4000)
     pixel = 2.5
     out = Path(out_dir)
