@@ -103,7 +103,8 @@ def test_map_weight_matches_relion_formula(fudge, whole):
     box, pad, current_size = 16, 2, 14
     acc = _relion_parity_acc(box, pad, 3)
     fsc_curve = torch.tensor([1.0, 0.99, 0.97, 0.9, 0.85, 0.7, 0.5, 0.3, 0.143], dtype=torch.float64)
-    cfg = ReconstructionConfig(tau2_fudge=fudge, full_set_fsc="relion", minres_map=5, soft_mask_corners=False)
+    cfg = ReconstructionConfig(tau2_fudge=fudge, full_set_fsc="relion", minres_map=5, soft_mask_corners=False,
+                               shell_gain_after_mask=False)  # RELION's order
     out = map_reconstruct(acc, fsc_curve, 2.0, cfg, full_set=whole, r_max=current_size / 2)
     w_relion, tau2_relion = relion_map_weight(
         acc.weight.numpy(), fsc_curve.numpy(), pad, current_size / 2, fudge, whole=whole, minres_map=5
@@ -216,7 +217,8 @@ def test_red_identity_closed_form(device):
     real space, pad again); gridding correction cancels out."""
     box, pad, lam = 8, 2, 0.7
     acc = _random_acc(box, pad, 0, device)
-    cfg = ReconstructionConfig(prior="red", red_lambda=lam, weight_floor=1e-6, minres_map=0, soft_mask_corners=False)
+    cfg = ReconstructionConfig(prior="red", red_lambda=lam, weight_floor=1e-6, minres_map=0, soft_mask_corners=False,
+                               shell_gain_after_mask=False)
     tau2 = torch.linspace(3.0, 0.1, box // 2 + 1, dtype=torch.float64, device=device)
     out = map_reconstruct(acc, torch.zeros(box // 2 + 1), 1.0, cfg, lambda v: v, r_max=box, tau2=tau2)
     n, lo = box * pad, box * pad // 2 - box // 2

@@ -34,15 +34,16 @@ approximation of it).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from cryoprior.core.fft import fft3c
+from cryoprior.core.fft import fft3c, ifft3c
 from cryoprior.core.filters import soft_mask_outside_map
-from cryoprior.core.fsc import fsc, resolution_at
+from cryoprior.core.fsc import fsc, radial_shell_index, resolution_at
 from cryoprior.core.projection import fourier_to_volume, gridding_kernel
 from cryoprior.recon.accumulate import Accumulator
 
@@ -69,6 +70,10 @@ class ReconstructionConfig:
     minres_map: int = field(default=5, metadata={"help": "no prior in shells below this one (RELION --minres_map)"})
     soft_mask_corners: bool = field(
         default=True, metadata={"help": "soft-mask the corners outside d/2 before the gridding correction (RELION)"}
+    )
+    shell_gain_after_mask: bool = field(
+        default=True, metadata={"help": "apply each shell's mean Wiener gain to the cropped, masked map "
+                                "(false: on the padded grid before the crop, RELION's order)"}
     )
     weight_floor: float = field(
         default=1e-3, metadata={"help": "x̃ = B / max(K, floor · mean K): relative floor of K"}
@@ -98,13 +103,20 @@ class ReconstructionConfig:
             raise ValueError(f"full_set_fsc must be one of {FULL_SET_RULES}, got {self.full_set_fsc!r}")
         if isinstance(self.minres_map, bool) or not isinstance(self.minres_map, int) or self.minres_map < 0:
             raise ValueError(f"minres_map must be an integer shell >= 0, got {self.minres_map!r}")
-        if not isinstance(self.soft_mask_corners, bool):
-            raise ValueError(f"soft_mask_corners must be true or false, got {self.soft_mask_corners!r}")
+        for name in ("soft_mask_corners", "shell_gain_after_mask"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 # ---------------------------------------------------------------------------- shells and τ²
 def padded_shells(n: int, pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ires, r²)`` on the centred ``(n, n, n)`` grid: ``round(|k| / pad)`` and ``|k|²``."""
+    """``(ires, r²)`` on the centred ``(n, n, n)`` grid: ``round(|k| / pad)`` and ``|k|²``.
+    Cached for the last grid (one M-step asks ~20 times); treat the tensors as read-only."""
+    return _padded_shells(n, pad, str(torch.device(device or "cpu")))
+
+
+@functools.lru_cache(maxsize=1)
+def _padded_shells(n: int, pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     f = torch.arange(n, device=device, dtype=torch.float64) - n // 2
     r2 = f[:, None, None] ** 2 + f[None, :, None] ** 2 + f[None, None, :] ** 2
     # RELION's ROUND (macros.h:195) rounds halves up: |k| = 1, pad 2 is shell 1 (torch.round: 0)
@@ -297,25 +309,80 @@ def map_reconstruct(
         if denoiser is None:
             raise ValueError(f"prior {config.prior!r} needs a denoiser")
         prior_ft = red_prior_fourier(acc.data, acc.weight, box, pad, denoiser, config.weight_floor)
-    x = map_update(acc.data, acc.weight, grid, prior_ft, lam)
+    split = config.shell_gain_after_mask and prior_ft is not None and lam != 0.0
+    # eq. (17) is linear: (τ² B + λ f̂) / (τ² K + 1) = data part + prior part; with the shell gain
+    # applied after the mask only the data part (attenuated by the gain) goes that way
+    x = map_update(acc.data, acc.weight, grid, None if split else prior_ft, lam)
+    prior_part = map_update(torch.zeros_like(acc.data), acc.weight, grid, prior_ft, lam) if split else None
+    ires, _ = padded_shells(n, pad, x.device)
     if config.minres_map > 0:
         # RELION adds the 1/τ² term only where ires >= minres_map (backprojector.cpp:1443-1451;
         # default --minres_map 5, ml_optimiser.cpp:452/785): B / K below, whatever the prior
-        ires, _ = padded_shells(n, pad, x.device)
         low = (ires < config.minres_map) & (acc.weight > 0)
         x = torch.where(low, acc.data / acc.weight.clamp(min=1e-300), x)
-    x = x * inside_mask(n, pad, r_max, x.device)
-    if not config.soft_mask_corners:
-        return MapResult(fourier_to_volume(x, box), tau2, float(lam))
-    # RELION's order: windowToOridimRealSpace crops and soft-masks the corners
-    # (backprojector.cpp:1734 → 2339, mask.cpp:43-97), then griddingCorrect (backprojector.cpp:1747)
-    vol = soft_mask_outside_map(fourier_to_volume(x, box, gridding_correct=False))
-    return MapResult(vol / gridding_kernel(box, n, 3, vol.device, vol.dtype), tau2, float(lam))
+        if prior_part is not None:
+            prior_part = torch.where(low, 0.0, prior_part)
+    inside = inside_mask(n, pad, r_max, x.device)
+
+    def to_volume(ft: torch.Tensor) -> torch.Tensor:
+        vol = fourier_to_volume(ft * inside, box, gridding_correct=False)
+        if config.soft_mask_corners:
+            # RELION's order: windowToOridimRealSpace crops and soft-masks the corners
+            # (backprojector.cpp:1734 → 2339, mask.cpp:43-97), then griddingCorrect (backprojector.cpp:1747)
+            vol = soft_mask_outside_map(vol)
+        return vol / gridding_kernel(box, n, 3, vol.device, vol.dtype)
+
+    if not config.shell_gain_after_mask:
+        return MapResult(to_volume(x), tau2, float(lam))
+    # The crop to the box and the corner mask are real-space masks: they mix neighbouring shells,
+    # and where the Wiener gain falls steeply (near FSC 0.143) an attenuated shell then takes in
+    # the less attenuated ones below it, which lowers its FSC to the truth (RELION's regularised
+    # `relion_reconstruct --fsc` map shows it too). So the shell-mean gain is divided out on the
+    # padded grid and applied to the finished map; the in-shell weighting of eq. (11) stays.
+    # Without crop and mask both orders give the same map.
+    gains = shell_gains(acc.weight, grid, pad, box, inside, config.minres_map)
+    vol = apply_shell_gains(to_volume(x / gains.to(x.device, acc.weight.dtype)[ires.clamp(max=box // 2)]), gains)
+    if prior_part is not None:
+        vol = vol + to_volume(prior_part)
+    return MapResult(vol, tau2, float(lam))
 
 
-def unregularised_volume(acc: Accumulator, floor: float = 1e-3) -> torch.Tensor:
-    """Real-space ``B / K`` (floored), cropped and gridding-corrected. ``(d, d, d)``."""
-    return fourier_to_volume(regularised_ratio(acc.data, acc.weight, floor), acc.box)
+def shell_gains(weight: torch.Tensor, tau2_on_grid: torch.Tensor, pad: int, box: int, inside: torch.Tensor,
+                minres_map: int = 0) -> torch.Tensor:
+    """Mean Wiener gain ``τ² K / (τ² K + 1)`` over each shell's voxels inside the current size
+    (1 below ``minres_map``, where the update is B / K), ``(box // 2 + 1,)`` float64; 1 for shells
+    with no voxel or a gain below 1e-6 (nothing to undo there)."""
+    ires, _ = padded_shells(weight.shape[-1], pad, weight.device)
+    t = tau2_on_grid.to(weight.dtype)
+    g = t * weight / (t * weight + 1.0)
+    g = torch.where(ires < minres_map, 1.0, g)
+    keep = inside & (ires <= box // 2)
+    idx = ires[keep]
+    sums = torch.zeros(box // 2 + 1, dtype=torch.float64, device=weight.device).index_add_(0, idx, g[keep].double())
+    counts = torch.bincount(idx, minlength=box // 2 + 1).double()
+    mean = sums / counts.clamp(min=1)
+    return torch.where((counts > 0) & (mean > 1e-6), mean, 1.0)
+
+
+def apply_shell_gains(volume: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+    """Multiply each Fourier shell ``round(|k|)`` ``0..box // 2`` of ``volume`` ``(box,)*3`` by
+    ``gains[shell]`` (shells beyond ``box // 2``, the corners, are left as they are)."""
+    box = volume.shape[-1]
+    shells = radial_shell_index(box, 3, volume.device)
+    g = gains.to(volume.device, volume.dtype)[shells.clamp(max=box // 2)]
+    g = torch.where(shells <= box // 2, g, 1.0)
+    return ifft3c(fft3c(volume) * g).real
+
+
+def unregularised_volume(acc: Accumulator, floor: float = 1e-3, soft_mask_corners: bool = False) -> torch.Tensor:
+    """Real-space ``B / K`` (floored) inside ``|k| < box / 2``, cropped, optionally corner-masked
+    (as RELION's ``windowToOridimRealSpace``) and gridding-corrected. ``(d, d, d)``."""
+    n = acc.data.shape[-1]
+    x = regularised_ratio(acc.data, acc.weight, floor) * inside_mask(n, acc.pad, acc.box // 2, acc.data.device)
+    if not soft_mask_corners:
+        return fourier_to_volume(x, acc.box)
+    vol = soft_mask_outside_map(fourier_to_volume(x, acc.box, gridding_correct=False))
+    return vol / gridding_kernel(acc.box, n, 3, vol.device, vol.dtype)
 
 
 @dataclass
@@ -341,7 +408,10 @@ def reconstruct_halves(
 ) -> HalfSetResult:
     """Gold-standard M-step: FSC of the unregularised halves → τ² → prior update of each half
     (own B, K, own x̃) and of the full map (B1 + B2, full-set FSC). λ comes from that FSC."""
-    fsc_unreg = fsc(unregularised_volume(acc1, config.weight_floor), unregularised_volume(acc2, config.weight_floor), ndim=3)
+    # the SSNR estimate behind τ²: FSC of the B / K halves, corner-masked as RELION's half maps
+    # (windowToOridimRealSpace, backprojector.cpp:2339): the unmasked corners' noise lowers it
+    # (here by ~0.05 at FSC 0.143), which over-regularises
+    fsc_unreg = fsc(*(unregularised_volume(a, config.weight_floor, config.soft_mask_corners) for a in (acc1, acc2)), ndim=3)
     lam = None
     if config.prior == "cw-red":
         lam = cw_red_lambda_from_fsc(

@@ -196,6 +196,7 @@ def _run_job(job: ExternalJob, cfg: RelionExternalConfig) -> Path:
     recon = ReconstructionConfig(
         prior=cfg.prior, pad=job.pad, tau2_fudge=job.fudge, red_lambda=cfg.red_lambda,
         cw_low_a=cfg.cw_low_a, cw_high_a=cfg.cw_high_a, full_set_fsc=cfg.full_set_fsc, minres_map=cfg.minres_map,
+        shell_gain_after_mask=False,  # RELION's order (Wiener on the padded grid, then crop and mask): parity
     )
     try:
         recon.validate()
