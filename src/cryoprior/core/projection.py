@@ -151,20 +151,23 @@ def shift_images(images: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
 
 def _hermitian_half(box: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One of each Hermitian pair of the inserted image frequencies (``|k| <= box // 2``):
-    ``kx > 0``, or ``kx = 0`` and ``ky > 0``; plus DC and the Nyquist samples (``kx`` or
-    ``ky = -box // 2``, whose mirror is not on the grid) at half weight. Returns ``(ky, kx, keep,
+    ``kx > 0``, or ``kx = 0`` and ``ky > 0``; plus DC and, for even boxes, the Nyquist samples
+    (``kx`` or ``ky = -box // 2``, whose mirror is not on the grid) at half weight. Returns ``(ky, kx, keep,
     scale)`` with ``scale`` 0.5 for the half-weight samples, 1 otherwise."""
     ky, kx, inside = _image_freqs(box, device, dtype)
-    unpaired = (kx == -(box // 2)) | (ky == -(box // 2)) | ((kx == 0) & (ky == 0))
+    unpaired = (kx == 0) & (ky == 0)
+    if box % 2 == 0:  # odd boxes hold both ±box // 2
+        unpaired = unpaired | (kx == -(box // 2)) | (ky == -(box // 2))
     keep = inside & ((kx > 0) | ((kx == 0) & (ky > 0)) | unpaired)
     scale = torch.where(unpaired, 0.5, 1.0).to(dtype)
     return ky, kx, keep, scale
 
 
 def mirror_grid(x: torch.Tensor) -> torch.Tensor:
-    """``x(−k)`` on the centred ``(N, N, N)`` grid (N even: index ``i`` ↦ ``N − i``; index 0, the
-    unpaired ``−N/2``, maps to itself)."""
-    return torch.roll(torch.flip(x, (-3, -2, -1)), (1, 1, 1), (-3, -2, -1))
+    """``x(−k)`` on the centred ``(N, N, N)`` grid (zero frequency at ``N // 2``). N odd: a flip;
+    N even: index ``i`` ↦ ``N − i``, and index 0, the unpaired ``−N/2``, maps to itself."""
+    flipped = torch.flip(x, (-3, -2, -1))
+    return flipped if x.shape[-1] % 2 else torch.roll(flipped, (1, 1, 1), (-3, -2, -1))
 
 
 def complete_hermitian(data: torch.Tensor, weight: torch.Tensor) -> None:
