@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cryoprior.core.fft import fft3c, ifft3c
-from cryoprior.core.filters import soft_mask_outside_map
+from cryoprior.core.filters import resample, soft_mask_outside_map
 from cryoprior.core.fsc import fsc, radial_shell_index, resolution_at
 from cryoprior.core.projection import fourier_to_volume, gridding_kernel
 from cryoprior.recon.accumulate import Accumulator
@@ -239,13 +239,39 @@ def apply_denoiser(denoiser: Denoiser, volume: torch.Tensor) -> torch.Tensor:
     return out.to(volume.dtype) * std
 
 
+def denoiser_box(denoiser: Denoiser, box: int, pixel_size_a: float | None) -> int:
+    """The box at which ``denoiser`` sees a ``box`` map of ``pixel_size_a`` Å/px: the same field of
+    view at the nearest pixel size inside the range the denoiser was trained at (its
+    ``pixel_size_a = (lo, hi)`` attribute, see ``nn.prior3d.load_denoiser``). ``box`` itself when
+    the pixel size or the range is unknown (``pixel_size_a`` None or <= 0) or already inside."""
+    trained = getattr(denoiser, "pixel_size_a", None)
+    if not trained or not pixel_size_a or pixel_size_a <= 0:
+        return box
+    target = min(max(pixel_size_a, trained[0]), trained[1])
+    return max(8, round(box * pixel_size_a / target))
+
+
+def apply_denoiser_at_pixel_size(denoiser: Denoiser, volume: torch.Tensor, pixel_size_a: float | None) -> torch.Tensor:
+    """:func:`apply_denoiser` on ``volume`` ``(d, d, d)`` resampled in Fourier space to the
+    denoiser's training pixel sizes (:func:`denoiser_box`) and back, as RELION 5's Blush
+    resamples its input. Coarsening drops the shells beyond the coarser Nyquist: the prior term
+    is zero there (the update pulls them towards 0 as the Gaussian prior does)."""
+    d = volume.shape[-1]
+    inner = denoiser_box(denoiser, d, pixel_size_a)
+    if inner == d:
+        return apply_denoiser(denoiser, volume)
+    return resample(apply_denoiser(denoiser, resample(volume, inner, ndim=3)), d, ndim=3)
+
+
 def red_prior_fourier(
-    data: torch.Tensor, weight: torch.Tensor, box: int, pad: int, denoiser: Denoiser, floor: float = 1e-3
+    data: torch.Tensor, weight: torch.Tensor, box: int, pad: int, denoiser: Denoiser, floor: float = 1e-3,
+    pixel_size_a: float | None = None,
 ) -> torch.Tensor:
-    """``f̂ = F(f(x̃))``: x̃ = B / K to real space (cropped, gridding-corrected), f, back."""
+    """``f̂ = F(f(x̃))``: x̃ = B / K to real space (cropped, gridding-corrected), f (at the
+    denoiser's training pixel size when ``pixel_size_a`` is given), back."""
     x_tilde = regularised_ratio(data, weight, floor)
     vol = fourier_to_volume(x_tilde, box)
-    return volume_to_fourier(apply_denoiser(denoiser, vol), pad)
+    return volume_to_fourier(apply_denoiser_at_pixel_size(denoiser, vol, pixel_size_a), pad)
 
 
 def cw_red_lambda(resolution_a: float, low_a: float = 10.0, high_a: float = 4.5) -> float:
@@ -285,7 +311,9 @@ def map_reconstruct(
     """The M-step for one map: τ² from ``fsc_curve`` (the half-set FSC, converted by
     ``config.full_set_fsc`` when ``full_set``), then eq. (11) or eq. (17) with the configured
     prior, B / K in shells below ``config.minres_map``, the crop to the box, the corner soft
-    mask (``config.soft_mask_corners``) and the gridding correction. ``lam`` overrides λ;
+    mask (``config.soft_mask_corners``) and the gridding correction. ``pixel_size_a`` (Å/px; 0 =
+    unknown: then give ``lam`` for CW-RED) sets CW-RED's λ and the denoiser's input resampling
+    (:func:`apply_denoiser_at_pixel_size`). ``lam`` overrides λ;
     ``tau2`` ``(box // 2 + 1,)`` overrides the τ² per shell (already scaled to K)."""
     config.validate()
     box, pad, n = acc.box, acc.pad, acc.data.shape[-1]
@@ -296,19 +324,19 @@ def map_reconstruct(
         tau2 = tau2_from_fsc(curve.to(acc.weight.device), mean_k, config.tau2_fudge)
     tau2 = tau2.to(acc.weight.device)
     grid = tau2_grid(tau2, n, pad, r_max)
-    if lam is None:
-        lam = {
-            "gaussian": 0.0,
-            "red": config.red_lambda,
-            "cw-red": cw_red_lambda_from_fsc(
-                fsc_curve.cpu(), box, pixel_size_a, config.cw_low_a, config.cw_high_a, config.fsc_threshold
-            ),
-        }[config.prior]
+    if lam is None and config.prior == "cw-red":
+        if not pixel_size_a > 0:
+            raise ValueError("CW-RED needs the pixel size for λ (or give lam)")
+        lam = cw_red_lambda_from_fsc(
+            fsc_curve.cpu(), box, pixel_size_a, config.cw_low_a, config.cw_high_a, config.fsc_threshold
+        )
+    elif lam is None:
+        lam = config.red_lambda if config.prior == "red" else 0.0
     prior_ft = None
     if lam != 0.0:
         if denoiser is None:
             raise ValueError(f"prior {config.prior!r} needs a denoiser")
-        prior_ft = red_prior_fourier(acc.data, acc.weight, box, pad, denoiser, config.weight_floor)
+        prior_ft = red_prior_fourier(acc.data, acc.weight, box, pad, denoiser, config.weight_floor, pixel_size_a)
     split = config.shell_gain_after_mask and prior_ft is not None and lam != 0.0
     # eq. (17) is linear: (τ² B + λ f̂) / (τ² K + 1) = data part + prior part; with the shell gain
     # applied after the mask only the data part (attenuated by the gain) goes that way

@@ -212,7 +212,7 @@ def _run_job(job: ExternalJob, cfg: RelionExternalConfig) -> Path:
     if cfg.prior != "gaussian" and lam != 0.0:
         denoiser = load_prior_denoiser(cfg.denoiser, cfg.device)
     result = map_reconstruct(
-        acc, fsc, pixel or 1.0, recon, denoiser, full_set=not job.is_half, r_max=job.current_size / 2, lam=lam,
+        acc, fsc, pixel or 0.0, recon, denoiser, full_set=not job.is_half, r_max=job.current_size / 2, lam=lam,
         tau2=tau2,
     )
     write_map(job.result, result.volume.cpu(), pixel or 0.0)  # 0: unknown, as RELION writes it then
