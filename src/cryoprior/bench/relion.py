@@ -149,7 +149,8 @@ def truth_scores(map_path: Path, truth: torch.Tensor, pixel: float) -> dict:
 def known_pose_comparison(project: Path, truth: torch.Tensor, pixel: float) -> dict:
     """``cryoprior reconstruct --prior gaussian`` vs ``relion_reconstruct --ctf`` at the simulator's
     poses on the same stack, each a subprocess (start-up included), timed one after the other in
-    this run. Also gives the stack size (``n_particles``, ``box``)."""
+    this run; then ``relion_reconstruct --fsc`` (regularised) with our half-map FSC. Also gives
+    the stack size (``n_particles``, ``box``)."""
     rows: dict = {}
     for name, cmd, out in (
         ("relion_reconstruct", ["relion_reconstruct", "--i", "particles.star", "--o", "relion_rec.mrc", "--ctf",
@@ -165,6 +166,18 @@ def known_pose_comparison(project: Path, truth: torch.Tensor, pixel: float) -> d
         rows[name] = {"wall_s": round(wall, 2), **truth_scores(out, truth, pixel)}
     rows["time_ratio_cryoprior_over_relion"] = round(
         rows["cryoprior_reconstruct"]["wall_s"] / rows["relion_reconstruct"]["wall_s"], 2)
+    # RELION's regularised counterpart: relion_reconstruct --fsc (τ² from a gold-standard FSC,
+    # reconstructor.cpp:691-704, 768) given the half-map FSC our run measured
+    curve = json.loads((project / "cp_rec" / "fsc.json").read_text())["fsc_half_unregularised"]
+    lines = ["data_fsc", "loop_", "_rlnSpectralIndex #1", "_rlnGoldStandardFsc #2"]
+    (project / "fsc_half.star").write_text("\n".join(lines + [f"{i} {v:.6f}" for i, v in enumerate(curve)]) + "\n")
+    start = time.perf_counter()
+    proc = subprocess.run(["relion_reconstruct", "--i", "particles.star", "--o", "relion_rec_fsc.mrc", "--ctf",
+                           "--angpix", str(pixel), "--fsc", "fsc_half.star"], cwd=project, env=_env(None),
+                          capture_output=True, text=True)
+    if proc.returncode == 0:
+        rows["relion_reconstruct_fsc"] = {"wall_s": round(time.perf_counter() - start, 2),
+                                          **truth_scores(project / "relion_rec_fsc.mrc", truth, pixel)}
     rows["n_particles"] = len(ParticleStack.from_file(project / "particles.star"))
     rows["box"] = truth.shape[-1]
     return rows
@@ -247,7 +260,9 @@ def markdown(result: dict) -> str:
         kp = c.get("known_poses")
         if not kp:
             continue
-        for name in ("relion_reconstruct", "cryoprior_reconstruct"):
+        for name in ("relion_reconstruct", "relion_reconstruct_fsc", "cryoprior_reconstruct"):
+            if name not in kp:
+                continue
             r = kp[name]
             ratio = r["wall_s"] / kp["relion_reconstruct"]["wall_s"]
             lines.append(f"| {c['structure']} | {c['snr']:g} | {name} ({kp['n_particles']} × {kp['box']}) "
