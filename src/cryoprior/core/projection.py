@@ -256,7 +256,12 @@ def fourier_to_volume(vol_ft: torch.Tensor, box: int, gridding_correct: bool = T
     (:func:`gridding_kernel`) is divided out, as RELION's ``griddingCorrect`` does.
     """
     n = vol_ft.shape[-1]
-    vol = _crop_volume(ifft3c(vol_ft).real, box)
+    lo = n // 2 - box // 2
+    vol = vol_ft
+    for dim in (-3, -2, -1):  # = _crop_volume(ifft3c(vol_ft)): one axis at a time, cropped as soon as done
+        vol = torch.fft.fftshift(torch.fft.ifft(torch.fft.ifftshift(vol, dim=dim), dim=dim), dim=dim)
+        vol = vol.narrow(dim, lo, box)
+    vol = vol.real
     if gridding_correct:
         vol = vol / gridding_kernel(box, n, 3, vol.device, vol.dtype)
     return vol

@@ -129,16 +129,31 @@ def inside_mask(n: int, pad: int, r_max: float, device=None) -> torch.Tensor:
     return r2 < round(r_max * pad) ** 2
 
 
+def _shell_bins(n: int, pad: int, box: int, r_max: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat shell index of every padded voxel, ``box // 2 + 1`` for voxels outside ``r_max`` (a
+    bin that is dropped), and the voxel count per shell ``0..box // 2``. Cached for the last grid."""
+    return _shell_bins_cached(n, pad, box, float(r_max), str(torch.device(device or "cpu")))
+
+
+@functools.lru_cache(maxsize=2)
+def _shell_bins_cached(n: int, pad: int, box: int, r_max: float, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    ires, _ = padded_shells(n, pad, device)
+    keep = inside_mask(n, pad, r_max, device) & (ires <= box // 2)
+    idx = torch.where(keep, ires, box // 2 + 1).reshape(-1)
+    return idx, torch.bincount(idx, minlength=box // 2 + 2)[: box // 2 + 1].double()
+
+
+def shell_sums(values: torch.Tensor, pad: int, box: int, r_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of real ``values`` ``(n, n, n)`` over each shell ``0..box // 2`` inside ``r_max`` and the
+    voxel counts, both float64 ``(box // 2 + 1,)``."""
+    idx, counts = _shell_bins(values.shape[-1], pad, box, r_max, values.device)
+    sums = torch.bincount(idx, weights=values.reshape(-1).double(), minlength=box // 2 + 2)[: box // 2 + 1]
+    return sums, counts
+
+
 def shell_mean_weight(weight: torch.Tensor, pad: int, box: int, r_max: float | None = None) -> torch.Tensor:
     """Mean of K over the padded voxels of each shell ``0..box // 2`` (inside ``r_max``). float64."""
-    n = weight.shape[-1]
-    r_max = box // 2 if r_max is None else r_max
-    ires, _ = padded_shells(n, pad, weight.device)
-    keep = inside_mask(n, pad, r_max, weight.device) & (ires <= box // 2)
-    idx = ires[keep]
-    sums = torch.zeros(box // 2 + 1, dtype=torch.float64, device=weight.device)
-    sums.index_add_(0, idx, weight[keep].double())
-    counts = torch.bincount(idx, minlength=box // 2 + 1).double()
+    sums, counts = shell_sums(weight, pad, box, box // 2 if r_max is None else r_max)
     return torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
 
 
@@ -191,9 +206,8 @@ def tau2_grid(tau2: torch.Tensor, n: int, pad: int, r_max: float | None = None) 
     """Spread per-shell τ² ``(box // 2 + 1,)`` over the padded grid; 0 beyond the shells/r_max."""
     box_half = tau2.shape[0] - 1
     r_max = box_half if r_max is None else r_max
-    ires, _ = padded_shells(n, pad, tau2.device)
-    keep = inside_mask(n, pad, r_max, tau2.device) & (ires <= box_half)
-    return torch.where(keep, tau2[ires.clamp(max=box_half)], 0.0)
+    idx, _ = _shell_bins(n, pad, 2 * box_half, r_max, tau2.device)  # the bin box_half + 1 is outside
+    return torch.cat((tau2, tau2.new_zeros(1)))[idx].reshape(n, n, n)
 
 
 # ---------------------------------------------------------------------------- updates
@@ -368,27 +382,22 @@ def map_reconstruct(
     # `relion_reconstruct --fsc` map shows it too). So the shell-mean gain is divided out on the
     # padded grid and applied to the finished map; the in-shell weighting of eq. (11) stays.
     # Without crop and mask both orders give the same map.
-    gains = shell_gains(acc.weight, grid, pad, box, inside, config.minres_map)
+    gains = shell_gains(acc.weight, grid, pad, box, r_max, config.minres_map)
     vol = apply_shell_gains(to_volume(x / gains.to(x.device, acc.weight.dtype)[ires.clamp(max=box // 2)]), gains)
     if prior_part is not None:
         vol = vol + to_volume(prior_part)
     return MapResult(vol, tau2, float(lam))
 
 
-def shell_gains(weight: torch.Tensor, tau2_on_grid: torch.Tensor, pad: int, box: int, inside: torch.Tensor,
+def shell_gains(weight: torch.Tensor, tau2_on_grid: torch.Tensor, pad: int, box: int, r_max: float,
                 minres_map: int = 0) -> torch.Tensor:
-    """Mean Wiener gain ``τ² K / (τ² K + 1)`` over each shell's voxels inside the current size
-    (1 below ``minres_map``, where the update is B / K), ``(box // 2 + 1,)`` float64; 1 for shells
-    with no voxel or a gain below 1e-6 (nothing to undo there)."""
-    ires, _ = padded_shells(weight.shape[-1], pad, weight.device)
+    """Mean Wiener gain ``τ² K / (τ² K + 1)`` over each shell's voxels inside ``r_max`` (1 below
+    ``minres_map``, where the update is B / K), ``(box // 2 + 1,)`` float64; 1 for shells with no
+    voxel or a gain below 1e-6 (nothing to undo there)."""
     t = tau2_on_grid.to(weight.dtype)
-    g = t * weight / (t * weight + 1.0)
-    g = torch.where(ires < minres_map, 1.0, g)
-    keep = inside & (ires <= box // 2)
-    idx = ires[keep]
-    sums = torch.zeros(box // 2 + 1, dtype=torch.float64, device=weight.device).index_add_(0, idx, g[keep].double())
-    counts = torch.bincount(idx, minlength=box // 2 + 1).double()
+    sums, counts = shell_sums(t * weight / (t * weight + 1.0), pad, box, r_max)
     mean = sums / counts.clamp(min=1)
+    mean[:minres_map] = 1.0
     return torch.where((counts > 0) & (mean > 1e-6), mean, 1.0)
 
 
