@@ -137,3 +137,23 @@ def test_auto_refine_with_external_reconstruct(refined):
     assert scores["internal"]["truth_05_a"] < 16.0  # the refinement works at all (start: 25 Å)
     assert scores["gaussian"]["truth_05_a"] <= scores["internal"]["truth_05_a"] + SEED_SPREAD_A, scores
     assert scores["cw-red"]["truth_05_a"] <= scores["gaussian"]["truth_05_a"] + SEED_SPREAD_A, scores
+
+
+def test_bench_markdown_of_a_cut_short_run():
+    """The tables a cut-short `bench relion` leaves (rewritten after every arm): a failed arm
+    without truth scores, a case without its known-pose rows, and the known-pose rows with
+    the stack size and both time ratios."""
+    from cryoprior.bench.relion import markdown
+
+    kp = {"relion_reconstruct": {"wall_s": 2.0, "cpu_s": 1.0, "truth_05_a": 9.0, "truth_0143_a": 7.0},
+          "cryoprior_reconstruct": {"wall_s": 3.0, "cpu_s": 1.5, "truth_05_a": 8.9, "truth_0143_a": 7.0},
+          "n_particles": 4000, "box": 64}
+    result = {"cases": [
+        {"structure": "1ake", "snr": 0.05, "arms": {"internal": {"rc": -9, "iterations": 3, "wall_s": 99.0}},
+         "known_poses": kp},
+        {"structure": "4ake", "snr": 0.05, "arms": {}},
+    ]}
+    text = markdown(result)
+    assert "| 1ake | 0.05 | internal | -9 | 3 | nan |" in text
+    assert "| 1ake | 0.05 | cryoprior_reconstruct (4000 × 64) | 8.90 | 7.00 | 3.0 | 1.5 | 1.50 | 1.50 |" in text
+    assert "4ake" not in text
