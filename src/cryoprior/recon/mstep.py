@@ -379,7 +379,8 @@ def map_reconstruct(
     # The crop to the box and the corner mask are real-space masks: they mix neighbouring shells,
     # and where the Wiener gain falls steeply (near FSC 0.143) an attenuated shell then takes in
     # the less attenuated ones below it, which lowers its FSC to the truth (RELION's regularised
-    # `relion_reconstruct --fsc` map shows it too). So the shell-mean gain is divided out on the
+    # `relion_reconstruct --fsc` map shows it too; its default map is unregularised: do_map only
+    # with --fsc, reconstructor.cpp:683-704, 779). So the shell-mean gain is divided out on the
     # padded grid and applied to the finished map; the in-shell weighting of eq. (11) stays.
     # Without crop and mask both orders give the same map.
     gains = shell_gains(acc.weight, grid, pad, box, r_max, config.minres_map)
