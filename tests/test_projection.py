@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from cryoprior.core.fft import fft2c, fft3c, ifft3c, radius_grid
+from cryoprior.core.ctf import ctf_2d
 from cryoprior.core.projection import (
+    complete_hermitian,
     insert_slices,
     project,
     project_fourier,
@@ -94,6 +96,43 @@ def test_batched_equals_looped(device):
     for i in range(2):
         for j in range(3):
             torch.testing.assert_close(batched[i, j], project(vol, rots[i, j][None])[0], atol=1e-5, rtol=0)
+
+
+def _real_slices(d, b, seed, device):
+    """Transforms of real images times astigmatic CTFs (Hermitian), the CTF² weights, rotations."""
+    g = torch.Generator().manual_seed(seed)
+    imgs = torch.randn(b, d, d, generator=g, dtype=torch.float64).to(device)
+    df = 1.0e4 + 1.0e4 * torch.rand(b, generator=g, dtype=torch.float64)
+    ctf = ctf_2d(d, 2.0, df, df * 0.9, torch.rand(b, generator=g, dtype=torch.float64) * 180, dtype=torch.float64).to(device)
+    return fft2c(imgs) * ctf, ctf**2, random_rotations(b, g, device=device)
+
+
+@pytest.mark.parametrize("d", [16, 15])
+@pytest.mark.parametrize("pad", [2, 1])
+def test_half_insertion_equals_full(d, pad, device):
+    """One of each ±k pair inserted, then completed = the full insertion: inside |k| < N/2 - 2
+    (even boxes: the unpaired Nyquist samples land beyond), everywhere for odd boxes."""
+    slices, w, rots = _real_slices(d, 40, 3, device)
+    data, weight = insert_slices(slices, rots, w, pad)
+    half_data, half_weight = insert_slices(slices, rots, w, pad, half=True)
+    complete_hermitian(half_data, half_weight)
+    n = pad * d
+    inner = radius_grid(n, 3, device=device) < n / 2 - 2
+    torch.testing.assert_close(half_data[inner], data[inner], rtol=0, atol=1e-9 * data.abs().max().item())
+    torch.testing.assert_close(half_weight[inner], weight[inner], rtol=0, atol=1e-9 * weight.max().item())
+    if d % 2:  # odd: every sample has its mirror on the grid, so equal everywhere
+        torch.testing.assert_close(half_weight, weight, rtol=0, atol=1e-9 * weight.max().item())
+
+
+def test_insertion_looped_equals_batched(device):
+    """Image by image (index_add_) and all at once (bincount for dense batches) give the same grids."""
+    slices, w, rots = _real_slices(16, 64, 4, device)
+    batched = insert_slices(slices, rots, w, 2, half=True)
+    looped = (torch.zeros_like(batched[0]), torch.zeros_like(batched[1]))
+    for i in range(len(slices)):
+        insert_slices(slices[i : i + 1], rots[i : i + 1], w[i : i + 1], 2, out=looped, half=True)
+    for a, b in zip(batched, looped, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9 * b.abs().max().item())
 
 
 def test_insertion_is_adjoint_of_slicing(device):

@@ -48,7 +48,8 @@ def _as_params(params: dict[str, Param], device, dtype) -> tuple[dict[str, torch
         dtype = torch.float64 if torch.float64 in floats else torch.float32
     out = {k: torch.as_tensor(v, device=device, dtype=dtype) for k, v in params.items()}
     try:
-        batch = torch.broadcast_shapes(*(t.shape for t in out.values()))
+        # broadcast_tensors, not broadcast_shapes: the latter imports torch._refs (sympy), ~1 s
+        batch = torch.broadcast_tensors(*out.values())[0].shape
     except RuntimeError as err:
         shapes = {k: tuple(t.shape) for k, t in out.items()}
         raise ValueError(f"CTF parameters do not broadcast: {shapes}") from err

@@ -252,3 +252,34 @@ def downsample(x: torch.Tensor, new_box: int, ndim: int | None = None) -> torch.
     crop = (slice(start, start + new_box),) * ndim
     f = f[(..., *crop)]
     return ifftnc(f, ndim).real * (new_box / box) ** ndim
+
+
+def resample(x: torch.Tensor, new_box: int, ndim: int | None = None) -> torch.Tensor:
+    """The same field of view sampled at ``d / new_box`` times the pixel size: the centred transform
+    of ``(..., d, d[, d])`` cropped (``new_box < d``) or zero-padded (``new_box > d``). An even
+    box's Nyquist plane is split between ``±N/2`` when padding and the two are summed when
+    cropping, so ``resample(resample(x, D), d) == x`` for ``D > d``. Pixel values are preserved."""
+    ndim = spatial_ndim(x, ndim)
+    box = x.shape[-1]
+    if new_box == box:
+        return x.clone()
+    if new_box < 1:
+        raise ValueError(f"new_box must be >= 1, got {new_box}")
+    f = fftnc(x, ndim)
+    for axis in range(-ndim, 0):
+        if new_box > box:
+            lo = new_box // 2 - box // 2
+            pad = [0, 0] * (-axis - 1) + [lo, new_box - box - lo]
+            f = torch.nn.functional.pad(f, pad)
+            if box % 2 == 0:  # k = -box/2 held both signs: half of it to +box/2
+                nyq = f.narrow(axis, lo, 1) / 2
+                f = torch.cat((f.narrow(axis, 0, lo), nyq, f.narrow(axis, lo + 1, box - 1), nyq,
+                               f.narrow(axis, lo + box + 1, new_box - lo - box - 1)), dim=axis)
+        else:
+            start = box // 2 - new_box // 2
+            kept = f.narrow(axis, start, new_box)
+            if new_box % 2 == 0 and start + new_box < box:  # fold +new/2 onto -new/2
+                first = kept.narrow(axis, 0, 1) + f.narrow(axis, start + new_box, 1)
+                kept = torch.cat((first, kept.narrow(axis, 1, new_box - 1)), dim=axis)
+            f = kept
+    return ifftnc(f, ndim).real * (new_box / box) ** ndim

@@ -132,10 +132,12 @@ def shift_phase(
     """
     box = size if box is None else box
     f = torch.arange(size, device=shifts_px.device, dtype=dtype) - size // 2
-    ky, kx = torch.meshgrid(f, f, indexing="ij")  # (size, size)
-    dx = shifts_px[..., 0, None, None].to(dtype)
-    dy = shifts_px[..., 1, None, None].to(dtype)
-    return torch.exp(-2j * torch.pi * (kx * dx + ky * dy) / box)
+    dx = shifts_px[..., 0, None].to(dtype)
+    dy = shifts_px[..., 1, None].to(dtype)
+    # separable: exp(-2πi kx dx / box) · exp(-2πi ky dy / box), 2·size exponentials per image
+    px = torch.exp(-2j * torch.pi * f * dx / box)  # (..., size) over kx
+    py = torch.exp(-2j * torch.pi * f * dy / box)  # (..., size) over ky
+    return py[..., :, None] * px[..., None, :]
 
 
 def shift_images(images: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
@@ -147,18 +149,52 @@ def shift_images(images: torch.Tensor, shifts_px: torch.Tensor) -> torch.Tensor:
     return ifft2c(fft2c(images) * phase).real
 
 
+def _hermitian_half(box: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One of each Hermitian pair of the inserted image frequencies (``|k| <= box // 2``):
+    ``kx > 0``, or ``kx = 0`` and ``ky > 0``; plus DC and, for even boxes, the Nyquist samples
+    (``kx`` or ``ky = -box // 2``, whose mirror is not on the grid) at half weight. Returns ``(ky, kx, keep,
+    scale)`` with ``scale`` 0.5 for the half-weight samples, 1 otherwise."""
+    ky, kx, inside = _image_freqs(box, device, dtype)
+    unpaired = (kx == 0) & (ky == 0)
+    if box % 2 == 0:  # odd boxes hold both ±box // 2
+        unpaired = unpaired | (kx == -(box // 2)) | (ky == -(box // 2))
+    keep = inside & ((kx > 0) | ((kx == 0) & (ky > 0)) | unpaired)
+    scale = torch.where(unpaired, 0.5, 1.0).to(dtype)
+    return ky, kx, keep, scale
+
+
+def mirror_grid(x: torch.Tensor) -> torch.Tensor:
+    """``x(−k)`` on the centred ``(N, N, N)`` grid (zero frequency at ``N // 2``). N odd: a flip;
+    N even: index ``i`` ↦ ``N − i``, and index 0, the unpaired ``−N/2``, maps to itself."""
+    flipped = torch.flip(x, (-3, -2, -1))
+    return flipped if x.shape[-1] % 2 else torch.roll(flipped, (1, 1, 1), (-3, -2, -1))
+
+
+def complete_hermitian(data: torch.Tensor, weight: torch.Tensor) -> None:
+    """After insertions with ``half=True``: add each voxel's Hermitian mirror, in place
+    (``B += conj(B(−k))``, ``K += K(−k)``), which gives the full insertion of every image."""
+    data += mirror_grid(data).conj()
+    weight += mirror_grid(weight)
+
+
 def insert_slices(
     slices: torch.Tensor,
     rotations: torch.Tensor,
     weights: torch.Tensor | None = None,
     pad: int = 2,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    half: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scatter centred 2D transforms into a padded 3D Fourier grid (adjoint of slicing).
 
     slices: ``(b, d, d)`` complex (already multiplied by the CTF for a Wiener-type
     reconstruction); rotations: ``(b, 3, 3)``; weights: ``(b, d, d)`` real (CTF², default 1).
     Accumulates into ``out = (B, K)`` when given (in place), else into new grids.
+    ``half``: for Hermitian slices (transforms of real images times real, symmetric CTFs and
+    weights), insert only one of each pair ``±k`` (as RELION inserts the half-complex image);
+    call :func:`complete_hermitian` once after the last insertion. Half the work; the completed
+    grids equal the full insertion's Hermitian part (they differ only where the unpaired Nyquist
+    samples land, at ``|k| >= N/2 − √3``).
     Returns ``(B (N, N, N) complex, K (N, N, N) real)`` with ``N = pad · d``.
     """
     if slices.ndim != 3 or rotations.shape != (slices.shape[0], 3, 3):
@@ -174,26 +210,42 @@ def insert_slices(
         weight = torch.zeros(n * n * n, dtype=rdtype, device=slices.device)
     else:
         data, weight = out[0].view(-1), out[1].view(-1)
-    if weights is None:
-        weights = torch.ones(slices.shape, dtype=rdtype, device=slices.device)
-    _, _, inside = _image_freqs(d, slices.device, rdtype)
-    coords = slice_coordinates(rotations.to(rdtype), d, float(pad))[:, inside] + n // 2  # (b, m, 3)
-    vals = slices[:, inside].reshape(-1)
-    wts = weights[:, inside].reshape(-1).to(rdtype)
-    coords = coords.reshape(-1, 3)
+    if half:
+        ky, kx, keep, scale = _hermitian_half(d, slices.device, rdtype)
+        scale = scale[keep]
+    else:
+        ky, kx, keep = _image_freqs(d, slices.device, rdtype)
+        scale = None
+    vals = slices[:, keep]  # (b, m)
+    wts = weights[:, keep].to(rdtype) if weights is not None else torch.ones(vals.shape, dtype=rdtype, device=vals.device)
+    if scale is not None:
+        vals, wts = vals * scale, wts * scale
+    # 3D coordinates pad · Aᵀ (kx, ky, 0) (see slice_coordinates) of the kept pixels, as (x, y, z)
+    k2 = torch.stack((kx[keep], ky[keep]), dim=-1) * pad  # (m, 2)
+    coords = torch.matmul(k2, rotations.to(rdtype)[:, :2, :]) + n // 2  # (b, m, 3)
     base = coords.floor()
     frac = coords - base
-    base = base.long()
-    # all 8 trilinear corners at once: offsets (8, 3) in (x, y, z) order
-    offs = torch.tensor([[(c >> a) & 1 for a in range(3)] for c in range(8)], device=base.device)
-    idx = base[:, None, :] + offs  # (m, 8, 3)
-    w = torch.where(offs.bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(dim=-1)  # (m, 8)
-    ok = ((idx >= 0) & (idx < n)).all(dim=-1)
-    w = w * ok  # out-of-grid corners get zero weight; their (clamped) index is harmless
-    idx = idx.clamp(0, n - 1)
-    flat = ((idx[..., 2] * n + idx[..., 1]) * n + idx[..., 0]).reshape(-1)  # [z, y, x] flattened
-    data.index_add_(0, flat, (vals[:, None] * w).reshape(-1).to(data.dtype))
-    weight.index_add_(0, flat, (wts[:, None] * w).reshape(-1))
+    itype = torch.int32 if n**3 < 2**31 else torch.int64
+    base = base.to(itype)
+    hi = base + 1
+    w_hi = frac * (hi < n)  # an upper corner off the grid gets weight 0 (its clamped index is harmless)
+    hi = hi.clamp(max=n - 1)
+    # the 8 trilinear corners, separably: flat index z·n² + y·n + x and weight w_z·w_y·w_x
+    idx = torch.stack((base, hi), dim=-2) * torch.tensor([1, n, n * n], dtype=itype, device=base.device)  # (b, m, 2, 3)
+    wl = torch.stack((1 - frac, w_hi), dim=-2)
+    flat = ((idx[..., :, None, 2] + idx[..., None, :, 1])[..., None] + idx[..., None, None, :, 0]).reshape(-1)
+    w = ((wl[..., :, None, 2] * wl[..., None, :, 1])[..., None] * wl[..., None, None, :, 0]).reshape(*vals.shape, 8)
+    wv = (wts[..., None] * w).reshape(-1)
+    size = n * n * n
+    if flat.numel() >= size // 4 and flat.device.type == "cpu":
+        # dense enough: one pass of bincount (float64 sums) beats index_add_'s scattered writes
+        weight += torch.bincount(flat, weights=wv, minlength=size).to(weight.dtype)
+        for part, values in ((data.real, vals.real), (data.imag, vals.imag)):
+            part.add_(torch.bincount(flat, weights=(values[..., None] * w).reshape(-1), minlength=size).to(part.dtype))
+    else:
+        flat = flat.long()
+        data.index_add_(0, flat, (vals[..., None] * w).reshape(-1).to(data.dtype))
+        weight.index_add_(0, flat, wv)
     return data.view(n, n, n), weight.view(n, n, n)
 
 
@@ -204,7 +256,12 @@ def fourier_to_volume(vol_ft: torch.Tensor, box: int, gridding_correct: bool = T
     (:func:`gridding_kernel`) is divided out, as RELION's ``griddingCorrect`` does.
     """
     n = vol_ft.shape[-1]
-    vol = _crop_volume(ifft3c(vol_ft).real, box)
+    lo = n // 2 - box // 2
+    vol = vol_ft
+    for dim in (-3, -2, -1):  # = _crop_volume(ifft3c(vol_ft)): one axis at a time, cropped as soon as done
+        vol = torch.fft.fftshift(torch.fft.ifft(torch.fft.ifftshift(vol, dim=dim), dim=dim), dim=dim)
+        vol = vol.narrow(dim, lo, box)
+    vol = vol.real
     if gridding_correct:
         vol = vol / gridding_kernel(box, n, 3, vol.device, vol.dtype)
     return vol

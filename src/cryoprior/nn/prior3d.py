@@ -224,7 +224,21 @@ def load_denoiser(
     def denoise(vol: torch.Tensor) -> torch.Tensor:
         return apply_denoiser(net, vol)
 
+    # (lo, hi) Å/px the model was trained at, or None for a model without that record: the
+    # M-step (recon.mstep.red_prior_fourier) resamples a map at another pixel size into it
+    denoise.pixel_size_a = training_pixel_size_a(path)
     return denoise
+
+
+def training_pixel_size_a(path: str | Path | None = None) -> tuple[float, float] | None:
+    """``(lo, hi)``: the pixel sizes (Å) a saved model was trained at (``model.json``
+    ``training.pixel_size_a``), None when the record lacks them."""
+    _, cfg, _ = _model_files(path)
+    training = cfg.get("training")
+    value = training.get("pixel_size_a") if isinstance(training, dict) else None
+    if not (isinstance(value, list) and len(value) == 2 and 0 < value[0] <= value[1]):
+        return None
+    return float(value[0]), float(value[1])
 
 
 def save_model(net: UNet3D, folder: str | Path, summary: dict | None = None, half: bool = False) -> Path:

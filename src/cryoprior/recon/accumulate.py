@@ -13,7 +13,7 @@ import torch
 
 from cryoprior.core.fft import fft2c
 from cryoprior.core.fsc import radial_shell_index
-from cryoprior.core.projection import insert_slices, shift_phase
+from cryoprior.core.projection import complete_hermitian, insert_slices, shift_phase
 
 
 @dataclass
@@ -41,6 +41,11 @@ class Accumulator:
             raise ValueError(f"cannot add accumulators of box/pad {self.box}/{self.pad} and {other.box}/{other.pad}")
         return Accumulator(self.data + other.data, self.weight + other.weight, self.box, self.pad)
 
+    def complete_hermitian(self) -> Accumulator:
+        """Finish insertions made with ``backproject(..., half=True)`` (in place; returns self)."""
+        complete_hermitian(self.data, self.weight)
+        return self
+
 
 def backproject(
     images: torch.Tensor,
@@ -52,13 +57,16 @@ def backproject(
     out: Accumulator | None = None,
     pad: int = 2,
     fourier: bool = False,
+    half: bool = False,
 ) -> Accumulator:
     """Insert images at poses into ``B`` and ``K`` (eq. 9). Accumulates into ``out`` when given.
 
     images ``(b, d, d)`` real (or their ``fft2c`` with ``fourier=True``); rotations ``(b, 3, 3)``;
     ctf ``(b, d, d)`` centred or None; shifts_px ``(b, 2)`` the origin offsets (undone before
     insertion, see ``core.projection``); weights ``(b,)`` pose probabilities; noise_var
-    ``(d // 2 + 1,)`` σ² per 2D shell (B and K are divided by it).
+    ``(d // 2 + 1,)`` σ² per 2D shell (B and K are divided by it). ``half``: insert one of each
+    Hermitian pair only (real images: half the work); call ``out.complete_hermitian()`` once
+    after the last image (see ``core.projection.insert_slices``).
     """
     if images.ndim != 3 or rotations.shape != (images.shape[0], 3, 3):
         raise ValueError(
@@ -84,5 +92,5 @@ def backproject(
         shells = radial_shell_index(d, 2, images.device).clamp(max=d // 2)
         inv = 1.0 / noise_var.to(images.device, rdtype).clamp(min=torch.finfo(rdtype).tiny)
         scale = scale * inv[shells]  # (b, d, d)
-    insert_slices(f * scale, rotations.to(rdtype), w * scale, acc.pad, out=(acc.data, acc.weight))
+    insert_slices(f * scale, rotations.to(rdtype), w * scale, acc.pad, out=(acc.data, acc.weight), half=half)
     return acc

@@ -40,7 +40,6 @@ from cryoprior.recon.mstep import (
     reconstruct_halves,
 )
 from cryoprior.recon.refine import HalfData, RefineConfig, refine
-from cryoprior.sim.structures import load_volume
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +72,16 @@ class ReconstructJob:
 
 
 def _load_map(spec: str, box: int, pixel_size_a: float, device) -> torch.Tensor:
+    from cryoprior.sim.structures import load_volume  # scipy.ndimage: ~0.5 s of start-up, only for --truth/--start
+
     return load_volume(spec, box, pixel_size_a).float().to(device)
 
 
 def known_pose_accumulators(
     stack: ParticleStack, subset: np.ndarray, pad: int = 2, device: str = "cpu", chunk: int = 256
 ) -> list[Accumulator]:
-    """B and K of half 1 and half 2 at the STAR's poses (CTF and origin offsets applied)."""
+    """B and K of half 1 and half 2 at the STAR's poses (CTF and origin offsets applied). Real
+    images: one of each Hermitian pair is inserted, the grids completed at the end."""
     device = torch.device(device)
     accs = [Accumulator.zeros(stack.box, pad, device) for _ in range(2)]
     with bar(len(stack), "reconstruct: back-projecting") as pbar:
@@ -92,9 +94,10 @@ def known_pose_accumulators(
                 sel = torch.from_numpy(np.flatnonzero(subset[rows] == h)).to(device)
                 if len(sel):
                     c = None if ctf is None else ctf[sel]
-                    backproject(imgs[sel], rots.to(device)[sel], c, shifts.to(device)[sel], out=accs[h - 1], pad=pad)
+                    backproject(imgs[sel], rots.to(device)[sel], c, shifts.to(device)[sel], out=accs[h - 1], pad=pad,
+                                half=True)
             pbar.update(len(images))
-    return accs
+    return [acc.complete_hermitian() for acc in accs]
 
 
 def refine_stack(

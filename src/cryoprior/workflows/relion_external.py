@@ -196,6 +196,7 @@ def _run_job(job: ExternalJob, cfg: RelionExternalConfig) -> Path:
     recon = ReconstructionConfig(
         prior=cfg.prior, pad=job.pad, tau2_fudge=job.fudge, red_lambda=cfg.red_lambda,
         cw_low_a=cfg.cw_low_a, cw_high_a=cfg.cw_high_a, full_set_fsc=cfg.full_set_fsc, minres_map=cfg.minres_map,
+        shell_gain_after_mask=False,  # RELION's order (Wiener on the padded grid, then crop and mask): parity
     )
     try:
         recon.validate()
@@ -211,7 +212,7 @@ def _run_job(job: ExternalJob, cfg: RelionExternalConfig) -> Path:
     if cfg.prior != "gaussian" and lam != 0.0:
         denoiser = load_prior_denoiser(cfg.denoiser, cfg.device)
     result = map_reconstruct(
-        acc, fsc, pixel or 1.0, recon, denoiser, full_set=not job.is_half, r_max=job.current_size / 2, lam=lam,
+        acc, fsc, pixel or 0.0, recon, denoiser, full_set=not job.is_half, r_max=job.current_size / 2, lam=lam,
         tau2=tau2,
     )
     write_map(job.result, result.volume.cpu(), pixel or 0.0)  # 0: unknown, as RELION writes it then

@@ -158,6 +158,9 @@ def _run(config: Prior3DConfig, out_dir: str | Path, argv: list[str] | None) -> 
             "training": {
                 "config": config_to_dict(config),
                 "n_pairs": len(pairs),
+                # the range of pixel sizes trained on: load_denoiser resamples other maps into it
+                "pixel_size_a": [min(q["meta"]["pixel_size_a"] for q in pairs),
+                                 max(q["meta"]["pixel_size_a"] for q in pairs)],
                 "final_loss": losses[-1],
                 "noise": asdict(noise_settings(config)),
             },
