@@ -220,3 +220,15 @@ def test_per_stack_and_per_image_snr():
     assert s.shape == (4, 4) and float(s.std()) == 0.0
     with pytest.raises(ValueError, match=r"\(16, 32, 32\).*\(16, 32, 31\)"):
         measure_snr(clean, clean[..., :31])
+
+
+def test_normalize_images_does_not_blow_up_rounding_noise():
+    from cryoprior.core.filters import normalize_images
+
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.full((1, 16, 16), 3.0) + 1e-7 * torch.randn(1, 16, 16, generator=gen)  # constant up to rounding
+    signal = torch.randn(2, 16, 16, generator=gen)
+    out = normalize_images(torch.cat([flat, signal]))
+    assert out[0].abs().max() < 0.1  # not rescaled to unit variance (it would reach ~3)
+    torch.testing.assert_close(out[1:].std(dim=(-2, -1), correction=0), torch.ones(2))
+    assert torch.equal(normalize_images(torch.zeros(1, 8, 8)), torch.zeros(1, 8, 8))
