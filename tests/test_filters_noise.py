@@ -233,3 +233,15 @@ def test_resample_round_trip_is_exact(box, new_box):
     assert up.shape == (new_box,) * 3
     torch.testing.assert_close(resample(up, box, ndim=3), x, rtol=0, atol=1e-12)
     assert float(up.mean()) == pytest.approx(float(x.mean()), abs=1e-12)
+
+
+def test_normalize_images_does_not_blow_up_rounding_noise():
+    from cryoprior.core.filters import normalize_images
+
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.full((1, 16, 16), 3.0) + 1e-7 * torch.randn(1, 16, 16, generator=gen)  # constant up to rounding
+    signal = torch.randn(2, 16, 16, generator=gen)
+    out = normalize_images(torch.cat([flat, signal]))
+    assert out[0].abs().max() < 0.1  # not rescaled to unit variance (it would reach ~3)
+    torch.testing.assert_close(out[1:].std(dim=(-2, -1), correction=0), torch.ones(2))
+    assert torch.equal(normalize_images(torch.zeros(1, 8, 8)), torch.zeros(1, 8, 8))

@@ -218,7 +218,9 @@ def normalize_images(images: torch.Tensor, mask_radius_px: float | None = None) 
 
     As RELION's ``relion_preprocess --norm``: with ``mask_radius_px`` the mean and (population)
     standard deviation come from the background ``r > mask_radius_px`` only. A constant
-    background gives zeros rather than dividing by 0.
+    background gives zeros rather than dividing by 0, and so does one that is constant up to
+    rounding: a deviation below ``100·eps·max|image|`` of the dtype is rounding noise, not
+    signal, and is not blown up to unit variance.
     """
     _check_images(images)
     box = images.shape[-1]
@@ -232,7 +234,8 @@ def normalize_images(images: torch.Tensor, mask_radius_px: float | None = None) 
             raise ValueError(f"mask_radius_px={mask_radius_px} leaves < 2 background pixels")
         mean = (images * bg).sum(dim=(-2, -1), keepdim=True) / n
         std = torch.sqrt((((images - mean) * bg) ** 2).sum(dim=(-2, -1), keepdim=True) / n)
-    return (images - mean) / std.clamp(min=torch.finfo(images.dtype).tiny)
+    floor = 100 * torch.finfo(images.dtype).eps * images.abs().amax(dim=(-2, -1), keepdim=True)
+    return (images - mean) / torch.maximum(std, floor.clamp(min=torch.finfo(images.dtype).tiny))
 
 
 def downsample(x: torch.Tensor, new_box: int, ndim: int | None = None) -> torch.Tensor:
