@@ -13,7 +13,7 @@ and clean (the paper's 0.1 → 0.4 → 0.6 → clean ladder, scaled), each with 
 ``denoise train/apply`` feed the network) and normalised per image.
 
 Use (:func:`prepare_images`): a stack is phase-flipped when it has CTF columns and resampled in
-Fourier space to the reference pixel size (``core.fft.fourier_resample``); the fine-tuned model
+Fourier space to the reference pixel size (``core.filters.resample``); the fine-tuned model
 is wrapped in :class:`~cryoprior.nn.models.cdae.ResampledCascade`, which resamples to the model's grid and back inside the network,
 so that the output's scale (Stein, ``denoiser.to_input_units``) is estimated on the input's grid.
 
@@ -38,7 +38,7 @@ from torch import nn
 
 from cryoprior.config import config_to_dict, write_run_config
 from cryoprior.core.ctf import ctf_2d, phase_flip
-from cryoprior.core.fft import fourier_resample
+from cryoprior.core.filters import resample
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.projection import volume_fourier
 from cryoprior.core.rotations import random_rotations
@@ -241,7 +241,7 @@ def prepare_images(images, ctf: torch.Tensor | None, size: int) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(images, dtype=np.float32))
     if ctf is not None:
         x = phase_flip(x, ctf.to(x.dtype))
-    return fourier_resample(x, size)
+    return resample(x, size, ndim=2)
 
 
 
@@ -272,7 +272,7 @@ def finetune_generic(
     images = torch.as_tensor(np.asarray(images, dtype=np.float32))
     d, reference = images.shape[-1], float(shipped_record(model_dir)["reference_pixel_size_a"])
     m = model_box(d, pixel_size_a, reference)
-    x = fourier_resample(images, m)  # (n, m, m)
+    x = resample(images, m, ndim=2)  # (n, m, m)
     pixel = (pixel_size_a or reference) * d / m
     log.info("generic CDAE: %d px of %s Å resampled to %d px of %.3f Å (model: %.3f Å)", d,
              pixel_size_a or "unknown", m, pixel, reference)

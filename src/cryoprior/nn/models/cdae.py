@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cryoprior.core.fft import fourier_resample
+from cryoprior.core.filters import resample
 from cryoprior.core.filters import normalize_images
 
 DEFAULT_WIDTHS = (8, 16, 32)
@@ -129,6 +129,6 @@ class ResampledCascade(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1]
-        y = fourier_resample(x.float().contiguous(), self.model_box)  # (b, 1, m, m)
+        y = resample(x.float().contiguous(), self.model_box, ndim=2)  # (b, 1, m, m)
         y = self.inner(normalize_images(y))
-        return fourier_resample(y.float().contiguous(), d).to(x.dtype)
+        return resample(y.float().contiguous(), d, ndim=2).to(x.dtype)
