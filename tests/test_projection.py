@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from cryoprior.core.fft import fft2c, fft3c, ifft3c, radius_grid
 from cryoprior.core.ctf import ctf_2d
+from cryoprior.core.fft import fft2c, fft3c, ifft3c, radius_grid
 from cryoprior.core.projection import (
     complete_hermitian,
     insert_slices,

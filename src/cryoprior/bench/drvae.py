@@ -21,7 +21,6 @@ the mean regularised per shell by its half-set SSNR as RELION's 2D references ar
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import platform
 import tempfile
@@ -32,15 +31,18 @@ import numpy as np
 import torch
 
 from cryoprior import classical
+from cryoprior.bench.common import write_result
 from cryoprior.classical.cluster import align_kmeans, class_averages, cluster
-from cryoprior.classical.cluster.averages import ctf_class_sums, half_set_labels, ssnr_wiener_averages
-from cryoprior.core.ctf import phase_flip
+from cryoprior.classical.cluster.averages import (
+    ctf_class_sums,
+    half_set_labels,
+    ssnr_wiener_averages,
+)
 from cryoprior.core.filters import normalize_images
-from cryoprior.io.relion import ctf_from_star
 from cryoprior.core.metrics import classification_scores, match_labels
 from cryoprior.core.rotations import rotate_images
-from cryoprior.fileutil import atomic_path
 from cryoprior.io.stack import ParticleStack
+from cryoprior.nn.cdae_ops import flipped_images
 from cryoprior.nn.drvae import DRVAEConfig, train_drvae
 from cryoprior.progress import progress
 from cryoprior.sim.dataset import SimulationConfig, discrete_view_rotations, simulate_dataset
@@ -127,9 +129,7 @@ def _row(truth: np.ndarray, labels: np.ndarray, k: int, seconds: float, **extra)
 def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: Path, seed: int, drvae: DRVAEConfig,
              relion_iterations: int) -> dict:
     """Every row of the grid on one stack."""
-    raw = torch.as_tensor(stack.images())
-    if stack.has_column("rlnDefocusU"):  # every row sees phase-flipped images, as classify gives them
-        raw = phase_flip(raw, ctf_from_star(stack, np.arange(len(stack))))
+    raw, _ = flipped_images(stack)  # every row sees phase-flipped images (with CTF), as classify gives them
     x = normalize_images(raw).numpy()
     clean = normalize_images(torch.as_tensor(stack.read_image_column("cpCleanImageName"))).numpy()
     aligned = kind in ("inplane", "ctf")
@@ -214,10 +214,5 @@ def run(n: int = 2000, box: int = 64, quick: bool = False, out_dir: str | Path |
         "drvae_config": dataclasses.asdict(drvae), "grid": grid, "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     result["markdown"] = markdown(result)
-    if out_dir is not None:
-        out = Path(out_dir)
-        with atomic_path(out / "bench_drvae.json") as p:
-            p.write_text(json.dumps(result, indent=2) + "\n")
-        with atomic_path(out / "bench_drvae.md") as p:
-            p.write_text(result["markdown"] + "\n")
+    write_result(out_dir, "bench_drvae", result)
     return result

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cryoprior.core.fft import fft2c, fft3c, ifft2c, ifft3c
+from cryoprior.core.fft import fft2c, fft3c, ifft2c
 
 
 def _image_freqs(box: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ and clean (the paper's 0.1 → 0.4 → 0.6 → clean ladder, scaled), each with 
 (σ² = var(clean image) / SNR), **phase-flipped** by its CTF (as ``classify`` and
 ``denoise train/apply`` feed the network) and normalised per image.
 
-Use (:func:`prepare_images`): a stack is phase-flipped when it has CTF columns and resampled in
+Use (:func:`train_cdae_generic`): a stack is phase-flipped when it has CTF columns and resampled in
 Fourier space to the reference pixel size (``core.filters.resample``); the fine-tuned model
 is wrapped in :class:`~cryoprior.nn.models.cdae.ResampledCascade`, which resamples to the model's grid and back inside the network,
 so that the output's scale (Stein, ``denoiser.to_input_units``) is estimated on the input's grid.
@@ -38,8 +38,7 @@ from torch import nn
 
 from cryoprior.config import config_to_dict, write_run_config
 from cryoprior.core.ctf import ctf_2d, phase_flip
-from cryoprior.core.filters import resample
-from cryoprior.core.filters import normalize_images
+from cryoprior.core.filters import normalize_images, resample
 from cryoprior.core.projection import volume_fourier
 from cryoprior.core.rotations import random_rotations
 from cryoprior.errors import InputError
@@ -233,16 +232,6 @@ def check_depth(images: torch.Tensor, modules: int, convs_per_module: int = 2,
                     "it; the depth rule would use %d module(s) (pre-train your own with --pretrain)",
                     diameter_px, receptive_field_px(modules, convs_per_module), allowed)
     return diameter_px
-
-
-def prepare_images(images, ctf: torch.Tensor | None, size: int) -> torch.Tensor:
-    """Images ``(n, d, d)`` as the generic model sees them: phase-flipped by ``ctf`` ``(n, d, d)``
-    when given, resampled to ``size`` px. Returns ``(n, size, size)`` float32."""
-    x = torch.as_tensor(np.asarray(images, dtype=np.float32))
-    if ctf is not None:
-        x = phase_flip(x, ctf.to(x.dtype))
-    return resample(x, size, ndim=2)
-
 
 
 def generic_config(config: CDAEConfig | None, model_dir: str | Path | None = None) -> CDAEConfig:

@@ -72,7 +72,9 @@ class ReconstructJob:
 
 
 def _load_map(spec: str, box: int, pixel_size_a: float, device) -> torch.Tensor:
-    from cryoprior.sim.structures import load_volume  # scipy.ndimage: ~0.5 s of start-up, only for --truth/--start
+    from cryoprior.sim.structures import (
+        load_volume,  # scipy.ndimage: ~0.5 s of start-up, only for --truth/--start
+    )
 
     return load_volume(spec, box, pixel_size_a).float().to(device)
 

@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cryoprior.core.filters import resample
-from cryoprior.core.filters import normalize_images
+from cryoprior.core.filters import normalize_images, resample
 
 DEFAULT_WIDTHS = (8, 16, 32)
 
