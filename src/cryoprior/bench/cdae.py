@@ -17,7 +17,9 @@ simulate 4 views × n noisy images and
 - Table 2: macro F1 / precision / recall of clustering into the 4 views: raw images, every
   denoiser's output (k-means; CDAE also with Ward HC and after equalisation; with in-plane
   rotations also k-means up to rotation, ``align-kmeans``, on every image set), and the oracle
-  ceiling (each image given the view of the most correlated clean image of its volume).
+  ceiling (each image given the view of the most correlated clean image of its volume). As a
+  diagnostic, k-means on the fine-tuning targets themselves (``knn-targets-*``: block 1's k-NN
+  means), which the fine-tuned networks are trained towards.
 
 Speed: CDAE inference images/s at the test size, against DnCNN and the un-optimised model
 (float32, NCHW, no inference mode, batches of 32) in the same run.
@@ -53,11 +55,12 @@ from cryoprior.nn.cdae_generic import (
 from cryoprior.nn.cdae_ops import (
     flipped_images,
     histogram_equalize,
+    knn_mean_targets,
     load_levels,
     normalize,
     psnr_normalised,
 )
-from cryoprior.nn.denoiser import denoise_images
+from cryoprior.nn.denoiser import denoise_images, denoise_tensor
 from cryoprior.nn.dncnn import DnCNNConfig, fit_dncnn
 from cryoprior.nn.training import resolve_device
 from cryoprior.progress import progress
@@ -111,6 +114,17 @@ def _scores(labels: np.ndarray, pred: np.ndarray) -> dict:
 
 def _cluster(images: np.ndarray, method: str, seed: int) -> np.ndarray:
     return cluster(normalize(images)[:, 0].numpy(), VIEWS, method, seed=seed)
+
+
+def _block1_targets(cascade, images: np.ndarray, cfg: CDAEConfig, device) -> np.ndarray:
+    """The k-NN mean targets that fine-tuning gives block 1 of ``cascade`` on ``images`` ``(n, d, d)``
+    (neighbours among the pre-trained block's outputs, values as ``cfg.knn_values``) → ``(n, d, d)``.
+    k-means on them bounds what the fine-tuned CDAE can add to clustering: it is trained towards them."""
+    x = normalize(images)  # (n, 1, d, d)
+    out = denoise_tensor(cascade.blocks[0], x, 256, device)
+    values = {"output": out, "input": x, "raw": x}[cfg.knn_values]
+    features = out if cfg.knn_features == "output" else x
+    return knn_mean_targets(features, values, cfg.knn_k, cfg.knn_metric, cfg.knn_pca_dims, cfg.seed)[:, 0].numpy()
 
 
 def inference_speed(models: dict, box: int, device: torch.device, n: int = 2048, repeats: int = 3) -> dict:
@@ -170,8 +184,11 @@ def _evaluate(stack: ParticleStack, cascade, dncnn, cfg: CDAEConfig, device, see
     outputs["cdae"] = net(tuned, "cdae")
     outputs["cdae-pretrained-only"] = net(cascade, "cdae-pretrained-only")
     outputs["cdae-generic"] = net(generic, "cdae-generic")
+    knn_targets = {}  # the fine-tuning targets of block 1 (diagnostic: what fine-tuning pulls towards)
     if model_box(stack.box, stack.pixel_size_a) == stack.box:
         outputs["cdae-generic-shipped"] = net(shipped, "cdae-generic-shipped")
+        knn_targets["knn-targets-generic"] = _block1_targets(shipped, flipped, gcfg, device)
+    knn_targets["knn-targets-cdae"] = _block1_targets(cascade, flipped, cfg, device)
     outputs["single-dae"] = net(dae, "single-dae")
     outputs["dncnn"] = net(dncnn, "dncnn")
     for name in baselines.available():
@@ -195,7 +212,11 @@ def _evaluate(stack: ParticleStack, cascade, dncnn, cfg: CDAEConfig, device, see
     if inplane:  # rotated views: also k-means up to in-plane rotation, on every image set
         runs += [(name, "align-kmeans") for name in ("raw", "cdae", "cdae-generic", "single-dae", "dncnn",
                                                      *baselines.available())]
+    runs += [(name, "kmeans") for name in knn_targets]
     for name, method in runs:
+        if name in knn_targets:
+            table2[f"{name} + {method}"] = _scores(labels, _cluster(knn_targets[name], method, seed))
+            continue
         base, he = name.removesuffix("+he"), name.endswith("+he")
         # k-means normalises each image: the networks' normalised output (in the input's units a
         # Stein scale clamped at 0 leaves constant images at SNR 0.01)
