@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cryoprior.errors import InputError, TrainingDivergedError
+from cryoprior.io.stack import ParticleStack
 from cryoprior.nn.cdae import (
     CDAEConfig,
     finetune_cascade,
@@ -297,3 +298,27 @@ def test_rotate_images_turns_an_elongated_blob_about_the_centre():
     anti = torch.stack([half[d // 2 + k, d // 2 - k] for k in (-5, 5)])
     assert float((diag - anti).abs().max()) > 0.3  # 45°: along one diagonal, not the other
     torch.testing.assert_close(diag[0], diag[1])  # and still centred
+
+
+def test_pretraining_pairs_with_a_ctf_are_phase_flipped_as_the_target_is(tmp_path):
+    """Pairs simulated with a CTF are phase-flipped when loaded, as a target with CTF columns is
+    before the networks see it: the flipped clean level has the phases of the CTF-free projection
+    of the same pose (same seed), which the unflipped one has not."""
+    common = dict(structures=["1ake"], box=32, pixel_size_a=3.0, n=60, views=None, snr=1.0,
+                  snr_levels=[math.inf], seed=2)
+    with_ctf = simulate_dataset(SimulationConfig(**common, ctf=True, defocus_min_a=15000.0, defocus_max_a=25000.0),
+                                tmp_path / "ctf")
+    plain = simulate_dataset(SimulationConfig(**common), tmp_path / "plain")
+    flipped = load_levels(with_ctf, [math.inf])[0][:, 0]  # (n, 32, 32), normalised
+    reference = load_levels(plain, [math.inf])[0][:, 0]
+    raw = normalize(ParticleStack.from_file(with_ctf / "particles.star").read_image_column("cpCleanImageName"))[:, 0]
+
+    f = torch.fft.fftfreq(32, d=3.0)
+    high = (f[:, None] ** 2 + f[None, :] ** 2).sqrt() > 1 / 20.0  # beyond the CTFs' first zeros, 1/Å
+
+    def agreement(a, b):  # mean cosine of the phase difference, over the high band
+        cross = torch.fft.fft2(a) * torch.fft.fft2(b).conj()
+        return float((cross.real / cross.abs().clamp_min(1e-12))[:, high].mean())
+
+    assert agreement(flipped, reference) > 0.8
+    assert agreement(raw, reference) < 0.4

@@ -180,3 +180,42 @@ def test_simulate_cli_and_bad_input(tmp_path, capsys):
     assert not any(p.name.startswith(".x.") for p in tmp_path.iterdir())
     rc = cli(["-q", "simulate", "--structure", "1ake", "--snr", "-1", "--n", "10", "--out", str(tmp_path / "y")])
     assert rc != 0 and "SNR" in capsys.readouterr().err
+
+
+def test_ctf_from_draws_the_targets_defoci_and_microscope(tmp_path):
+    """`--ctf-from STAR`: every particle's defocus is one of the target's, and the microscope is
+    the target's (not the config's defaults)."""
+    target = tmp_path / "target"
+    simulate_dataset(SimulationConfig(n=40, box=32, pixel_size_a=3.0, views=None, ctf=True, voltage_kv=200.0,
+                                      cs_mm=1.4, defocus_min_a=5000.0, defocus_max_a=6000.0, seed=4), target)
+    t = ParticleStack.from_file(target / "particles.star")
+    out = tmp_path / "pairs"
+    simulate_dataset(SimulationConfig(n=300, box=32, pixel_size_a=3.0, views=None, snr_levels=[math.inf], seed=5,
+                                      ctf_from=str(target / "particles.star")), out)
+    s = ParticleStack.from_file(out / "particles.star")
+    pairs = {tuple(r) for r in np.stack([t.column("rlnDefocusU"), t.column("rlnDefocusV")], 1).round(3)}
+    drawn = [tuple(r) for r in np.stack([s.column("rlnDefocusU"), s.column("rlnDefocusV")], 1).round(3)]
+    assert set(drawn) <= pairs and len(set(drawn)) > 30  # the target's (U, V) pairs, most of them
+    assert float(s.column("rlnVoltage")[0]) == 200.0 and float(s.column("rlnSphericalAberration")[0]) == 1.4
+    # the clean images carry that CTF: 200 kV at 5,000 Å has its first zero where 300 kV at 5,000 Å does not
+    clean = torch.from_numpy(s.read_image_column("cpCleanImageName"))
+    ctf = ctf_2d(32, 3.0, *(torch.from_numpy(s.column(c)).float() for c in ("rlnDefocusU", "rlnDefocusV",
+                                                                         "rlnDefocusAngle")),
+                 voltage_kv=200.0, cs_mm=1.4, amplitude_contrast=0.1)
+    power = torch.fft.fftshift(torch.fft.fft2(clean), dim=(-2, -1)).abs() ** 2
+    assert float((power * (ctf.abs() < 0.1)).sum() / (power * (ctf.abs() > 0.9)).sum()) < 0.02
+    manifest = json.loads((out / "dataset.json").read_text())
+    assert manifest["config"]["ctf"] and manifest["config"]["voltage_kv"] == 200.0
+
+
+def test_ctf_from_a_star_without_ctf_is_a_clear_error(tmp_path, capsys):
+    target = tmp_path / "noctf"
+    simulate_dataset(SimulationConfig(n=8, box=24, pixel_size_a=3.0, views=2, seed=1), target)
+    out = tmp_path / "pairs"
+    assert cli(["simulate", "--n", "8", "--box", "24", "--pixel-size", "3", "--ctf-from", str(target / "particles.star"),
+                "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "particles.star" in err and "rlnDefocusU" in err and not out.exists()
+    assert cli(["simulate", "--n", "8", "--box", "24", "--pixel-size", "3", "--ctf-from", str(tmp_path / "none.star"),
+                "--out", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err and not out.exists()

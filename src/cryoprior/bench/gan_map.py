@@ -29,11 +29,12 @@ from cryoprior.bench.cdae import FULL as CDAE_FULL
 from cryoprior.bench.cdae import PRETRAIN as CDAE_PRETRAIN
 from cryoprior.bench.cdae import QUICK as CDAE_QUICK
 from cryoprior.bench.common import map_scores
+from cryoprior.core.ctf import phase_flip
 from cryoprior.core.metrics import psnr, ssim
-from cryoprior.io.relion import half_sets
+from cryoprior.io.relion import ctf_from_star, half_sets
 from cryoprior.io.stack import ParticleStack
 from cryoprior.nn.cdae import finetune_cascade, pretrain_cascade, with_depth
-from cryoprior.nn.cdae_ops import load_levels
+from cryoprior.nn.cdae_ops import flip_by_star, load_levels
 from cryoprior.nn.denoiser import denoise_images, denoise_images_stack_scaled
 from cryoprior.nn.gan import GANConfig, fit_scaled, split_rows, stack_scale
 from cryoprior.nn.gan_data import project_references, sim_pairs
@@ -78,15 +79,21 @@ def _simulate(out: Path, structure: str, box: int, n: int, snr: float, seed: int
     return out
 
 
-def _cdae(work: Path, stack_noisy: np.ndarray, test_noisy: np.ndarray, box: int, n_pretrain: int, quick: bool,
+def _cdae(work: Path, stack: ParticleStack, noisy: np.ndarray, test: np.ndarray, n_pretrain: int, quick: bool,
           seed: int) -> np.ndarray:
+    """CDAE as ``denoise train/apply`` run it on a stack with CTF: pre-trained on phase-flipped
+    pairs (``load_levels``), fine-tuned on the phase-flipped ``noisy`` ``(n, d, d)``, applied to
+    rows ``test`` and flipped back."""
     cfg = dataclasses.replace((CDAE_QUICK if quick else CDAE_FULL)["cdae"], seed=seed)
-    pre = _simulate(work / f"cdae_pretrain_{seed}", CDAE_PRETRAIN, box, n_pretrain, 0.1, 500 + seed, cfg.pretrain_snrs)
+    pre = _simulate(work / f"cdae_pretrain_{seed}", CDAE_PRETRAIN, stack.box, n_pretrain, 0.1, 500 + seed,
+                    cfg.pretrain_snrs)
     levels = load_levels(pre, cfg.pretrain_snrs)
     cfg = with_depth(cfg, levels[0][:, 0])
     cascade, _ = pretrain_cascade(levels, cfg, "cpu")
-    tuned, _ = finetune_cascade(cascade, stack_noisy, cfg, "cpu")
-    return denoise_images(tuned, test_noisy, 256, "cpu")
+    flipped = flip_by_star(stack, noisy)  # (n, d, d)
+    tuned, _ = finetune_cascade(cascade, flipped, cfg, "cpu")
+    out = torch.from_numpy(denoise_images(tuned, flipped[test], 256, "cpu"))
+    return phase_flip(out, ctf_from_star(stack, test)).numpy()
 
 
 def width_overrides(cfg: dict) -> dict:
@@ -124,7 +131,7 @@ def map_protocol(work: Path, cfg: dict, methods: dict[str, dict], seed: int) -> 
         config = GANConfig(**kw, gan_epochs=cfg["epochs"], seed=seed, **width_overrides(cfg))
         gen, _, scale = fit_scaled(noisy[train], refs, config, "cpu", desc=f"{label} map seed {seed}")
         outputs[label] = apply_generator(gen, scale, noisy[test])
-    outputs["cdae"] = _cdae(work, noisy, noisy[test], box, cfg["n_cdae_pretrain"], cfg["quick"], seed)
+    outputs["cdae"] = _cdae(work, stack, noisy, test, cfg["n_cdae_pretrain"], cfg["quick"], seed)
     metrics = {name: image_metrics(img, clean[test]) for name, img in outputs.items()}
     metrics["reference projections (oracle of the map)"] = image_metrics(project_references(stack, consensus, test),
                                                                          clean[test])

@@ -92,6 +92,33 @@ def ctf_from_star(stack: ParticleStack, rows: np.ndarray, device=None) -> torch.
     )
 
 
+def ctf_parameters(stack: ParticleStack) -> dict:
+    """The CTF of every particle of ``stack`` as a simulator draws it: ``defocus`` ``(n, 3)``
+    (U, V Å, astigmatism angle deg) and the microscope (``voltage_kv``, ``cs_mm``,
+    ``amplitude_contrast``), which must be one for the whole stack."""
+    if not stack.has_column("rlnDefocusU"):
+        raise InputError("no CTF: the STAR has no rlnDefocusU column", stack.path)
+    rows = np.arange(len(stack))
+    u = np.asarray(stack.column("rlnDefocusU"), dtype=np.float64)
+    v = np.asarray(stack.column("rlnDefocusV"), dtype=np.float64) if stack.has_column("rlnDefocusV") else u
+    angle = (np.asarray(stack.column("rlnDefocusAngle"), dtype=np.float64) if stack.has_column("rlnDefocusAngle")
+             else np.zeros_like(u))
+    defocus = np.stack([u, v, angle], axis=1)
+    if not np.isfinite(defocus).all() or (defocus[:, :2] <= 0).any():
+        raise InputError("defocus columns hold non-finite or non-positive values", stack.path)
+    scope = {}
+    for key, column in (("voltage_kv", "rlnVoltage"), ("cs_mm", "rlnSphericalAberration"),
+                        ("amplitude_contrast", "rlnAmplitudeContrast")):
+        if not stack.has_column(column):
+            raise InputError(f"CTF parameter {column} missing (not in the particles or data_optics)", stack.path)
+        values = np.unique(np.asarray(stack.column(column), dtype=np.float64)[rows])
+        if len(values) != 1:
+            raise InputError(f"{column} differs between particles ({', '.join(f'{x:g}' for x in values)}): "
+                             "split the stack by optics group", stack.path)
+        scope[key] = float(values[0])
+    return {"defocus": defocus, **scope}
+
+
 # -------------------------------------------------------------- external reconstruction
 GENERAL, TAU2 = "external_reconstruct_general", "external_reconstruct_tau2"
 _GENERAL_KEYS = (

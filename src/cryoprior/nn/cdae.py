@@ -339,6 +339,17 @@ def _target_images(target_stack) -> tuple[torch.Tensor, bool]:
     return as_images(target_stack), False
 
 
+def _check_pretrain_ctf(pretrain_dir: str | Path, target_flipped: bool) -> None:
+    """Warn when the pre-training pairs and the target differ in having a CTF: the networks then
+    see phase-flipped images in one and not the other."""
+    pre_ctf = ParticleStack.from_file(Path(pretrain_dir) / "particles.star").has_column("rlnDefocusU")
+    if target_flipped and not pre_ctf:
+        log.warning("the target has a CTF and the pre-training pairs in %s none: simulate them with "
+                    "`cryoprior simulate --ctf-from TARGET.star` to draw the target's defoci", pretrain_dir)
+    elif pre_ctf and not target_flipped:
+        log.warning("the pre-training pairs in %s have a CTF and the target none", pretrain_dir)
+
+
 def train_cdae(
     pretrain_dir: str | Path,
     target_stack,
@@ -359,6 +370,7 @@ def train_cdae(
     images, flipped = _target_images(target_stack)
     config = with_depth(config, images, getattr(target_stack, "pixel_size_a", None))
     levels = load_levels(pretrain_dir, config.pretrain_snrs)
+    _check_pretrain_ctf(pretrain_dir, flipped)
     if levels[0].shape[-2:] != images.shape[-2:]:
         raise InputError(
             f"pre-training images are {tuple(levels[0].shape[-2:])} px, the target's are "

@@ -38,19 +38,24 @@ def as_images(images) -> torch.Tensor:
     return x.to(torch.float32)
 
 
-def flipped_images(stack: ParticleStack, chunk: int = 4096) -> tuple[torch.Tensor, bool]:
+def flipped_images(stack: ParticleStack) -> tuple[torch.Tensor, bool]:
     """All images ``(n, d, d)`` float32 of ``stack``, phase-flipped by each particle's CTF when
     the STAR has CTF columns (as the CDAE networks see them), and whether they were."""
+    if not stack.has_column("rlnDefocusU"):
+        return as_images(stack), False
+    return flip_by_star(stack, as_images(stack)), True
+
+
+def flip_by_star(stack: ParticleStack, images, chunk: int = 4096) -> torch.Tensor:
+    """``images`` ``(n, d, d)``, one per particle of ``stack``, phase-flipped by the particles' CTFs."""
     from cryoprior.core.ctf import phase_flip
     from cryoprior.io.relion import ctf_from_star
 
-    if not stack.has_column("rlnDefocusU"):
-        return as_images(stack), False
-    out = torch.empty(len(stack), stack.box, stack.box)
-    for start, images in stack.chunks(chunk):
-        rows = np.arange(start, start + len(images))
-        out[rows] = phase_flip(torch.from_numpy(np.asarray(images, dtype=np.float32)), ctf_from_star(stack, rows))
-    return out, True
+    out = torch.as_tensor(np.asarray(images, dtype=np.float32)).clone()
+    for start in range(0, len(out), chunk):
+        rows = np.arange(start, min(start + chunk, len(out)))
+        out[rows] = phase_flip(out[rows], ctf_from_star(stack, rows))
+    return out
 
 
 def normalize(images) -> torch.Tensor:
@@ -109,7 +114,8 @@ def load_levels(sim_dir: str | Path, snrs: list[float]) -> list[torch.Tensor]:
 
     Reads ``SIM_DIR/particles.star`` (``cryoprior simulate --snr-levels ...``) through its
     ``cpImageNameSnr*``/``cpCleanImageName`` columns, or else the ``snr_<L>.mrcs``/``clean.mrcs``
-    stacks listed in ``dataset.json``.
+    stacks listed in ``dataset.json``. Simulated with a CTF (``--ctf``, ``--ctf-from``), every
+    level is phase-flipped by each particle's CTF, as the networks see a target with a CTF.
     """
     stack, sources = _level_sources(sim_dir, snrs)
     levels = []
@@ -120,6 +126,8 @@ def load_levels(sim_dir: str | Path, snrs: list[float]) -> list[torch.Tensor]:
             images = ParticleStack.from_file(Path(str(where))).images()
             if len(images) != len(stack) or images.shape[-1] != stack.box:
                 raise InputError(f"holds {images.shape} images, particles.star ({len(stack)}, {stack.box}, {stack.box})", where)
+        if stack.has_column("rlnDefocusU"):  # as the target is seen: phase-flipped
+            images = flip_by_star(stack, images)
         levels.append(normalize(images))
     return levels
 

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from cryoprior.core.rotations import euler_to_matrix, matrix_to_euler, random_ro
 from cryoprior.errors import InputError
 from cryoprior.fileutil import atomic_dir
 from cryoprior.io.mrc import MrcsWriter, read_mrc, write_map
+from cryoprior.io.relion import ctf_parameters
 from cryoprior.io.stack import ParticleStack
 from cryoprior.io.star import write_star
 from cryoprior.progress import bar
@@ -82,6 +83,11 @@ class SimulationConfig:
         metadata={"help": "extra SNR levels of the same projections (inf = clean), e.g. 0.1 0.4 0.6 inf"},
     )
     ctf: bool = field(default=False, metadata={"help": "apply a CTF with random defocus"})
+    ctf_from: str | None = field(
+        default=None, metadata={"metavar": "STAR", "help": "apply a CTF drawn from this STAR's particles "
+                                "(defocus U, V, angle of a random particle each; its voltage, Cs and "
+                                "amplitude contrast), e.g. the stack a CDAE pre-trained on this is for"},
+    )
     defocus_min_a: float = field(default=10_000.0, metadata={"flag": "--defocus-min", "help": "Å"})
     defocus_max_a: float = field(default=25_000.0, metadata={"flag": "--defocus-max", "help": "Å"})
     astigmatism_a: float = field(default=500.0, metadata={"flag": "--astigmatism", "help": "max U−V, Å"})
@@ -118,6 +124,8 @@ class SimulationConfig:
             raise InputError(f"contamination must be one of {CONTAMINATION_TYPES}, got {self.contamination}")
         if not 0 <= self.epsilon <= 1:
             raise InputError(f"epsilon must be in [0, 1], got {self.epsilon}")
+        if self.ctf_from is not None and not Path(self.ctf_from).is_file():
+            raise InputError("--ctf-from: file not found", self.ctf_from)
         if self.ctf and not 0 < self.defocus_min_a <= self.defocus_max_a:
             raise InputError("defocus range must satisfy 0 < min <= max")
 
@@ -173,8 +181,9 @@ class Poses:
     contaminated: np.ndarray  # (n,) bool
 
 
-def sample_poses(config: SimulationConfig, generator: torch.Generator) -> Poses:
-    """Draw orientations, conformations, shifts, defoci and contamination flags."""
+def sample_poses(config: SimulationConfig, generator: torch.Generator, defocus_pool: np.ndarray | None = None) -> Poses:
+    """Draw orientations, conformations, shifts, defoci and contamination flags; with
+    ``defocus_pool`` ``(m, 3)`` (U, V, angle) each particle's defocus is a random row of it."""
     n = config.n
     if config.views is None:
         rots = random_rotations(n, generator)
@@ -191,7 +200,9 @@ def sample_poses(config: SimulationConfig, generator: torch.Generator) -> Poses:
     conformation = torch.randint(config.n_conformations, (n,), generator=generator).numpy()
     origins = (torch.rand(n, 2, generator=generator, dtype=torch.float64) * 2 - 1) * config.shift_a
     defocus = None
-    if config.ctf:
+    if defocus_pool is not None:
+        defocus = defocus_pool[torch.randint(len(defocus_pool), (n,), generator=generator).numpy()]
+    elif config.ctf:
         u = config.defocus_min_a + torch.rand(n, generator=generator, dtype=torch.float64) * (
             config.defocus_max_a - config.defocus_min_a
         )
@@ -286,9 +297,14 @@ def simulate_dataset(config: SimulationConfig, out_dir: str | Path, overwrite: b
     config.validate()
     out_dir = Path(out_dir)
     check_resources(config, out_dir)
+    pool = None
+    if config.ctf_from is not None:  # the target's defoci and microscope
+        params = ctf_parameters(ParticleStack.from_file(config.ctf_from))
+        pool = params.pop("defocus")
+        config = replace(config, ctf=True, **params)
     gen = torch.Generator().manual_seed(config.seed)
     volumes = config.load_volumes()
-    poses = sample_poses(config, gen)
+    poses = sample_poses(config, gen, pool)
     levels = list(config.snr_levels)
     level_names = [_level_name(s) for s in levels]
     ctf_kwargs = dict(
