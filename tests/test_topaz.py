@@ -13,20 +13,15 @@ import torch
 from cryoprior import classical
 from cryoprior.classical import available, denoise, topaz_baseline
 from cryoprior.core.metrics import psnr
-from cryoprior.io.stack import ParticleStack
-from cryoprior.sim.dataset import SimulationConfig, simulate_dataset
 
 MISSING = topaz_baseline.topaz_missing()
 needs_topaz = pytest.mark.skipif(MISSING is not None, reason=f"optional topaz-em not usable: {MISSING}")
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def pair(simulate_pair):
     """16 noisy images of 1AKE (four views) at SNR 0.1 and their clean images, box 32, 2 Å/px."""
-    out = tmp_path_factory.mktemp("topaz") / "sim"
-    simulate_dataset(SimulationConfig(box=32, n=16, views=4, snr=0.1, seed=3), out)
-    stack = ParticleStack.from_file(out / "particles.star")
-    return stack.images(), stack.read_image_column("cpCleanImageName")
+    return simulate_pair(box=32, n=16, views=4, snr=0.1, seed=3)
 
 
 def _psnr(x, clean):
