@@ -51,8 +51,9 @@ def test_topaz_follows_scale_and_offset(pair):
 
 
 @needs_topaz
-def test_topaz_equals_topaz_denoise_image(pair):
-    """Batched here = ``topaz denoise``'s per-micrograph path with its defaults, image by image."""
+def test_topaz_equals_topaz_denoise_image(pair, device):
+    """Batched here (on each device) = ``topaz denoise``'s per-micrograph path with its defaults,
+    image by image on the CPU."""
     from topaz.denoise import Denoise, denoise_image
 
     noisy, _ = pair
@@ -60,7 +61,7 @@ def test_topaz_equals_topaz_denoise_image(pair):
     reference = Denoise(torch.nn.Sequential(net))  # (topaz's type check accepts Sequential, not subclasses)
     want = np.stack([denoise_image(img.copy(), [reference], lowpass=1, cutoff=0, patch_size=1024, padding=500)
                      for img in noisy[:3]])
-    got = denoise(noisy[:3], "topaz", batch_size=2)
+    got = denoise(noisy[:3], "topaz", batch_size=2, device=device)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
 
 

@@ -84,13 +84,14 @@ def _load(model: str, device: torch.device) -> torch.nn.Module:
     return _MODELS[key]
 
 
-def topaz_denoise(images, model: str = DEFAULT_MODEL, device: str | torch.device = "cpu",
+def topaz_denoise(images, model: str = DEFAULT_MODEL, device: str | torch.device = "auto",
                   batch_size: int = 32) -> np.ndarray:
     """Topaz-Denoise pretrained ``model`` per particle image, in the input's intensity units.
 
     ``images`` ``(n, d, d)`` or ``(d, d)``; ``model`` a name of :func:`pretrained_models`
-    (default ``unet``, ``topaz denoise``'s default) or a topaz model file. Returns float32 of the
-    input's shape. Raises ImportError, with how to install it, when topaz is missing.
+    (default ``unet``, ``topaz denoise``'s default) or a topaz model file; ``device`` ``"auto"``
+    (a GPU when there is one, as ``topaz denoise``), ``"cpu"`` or ``"cuda"``. Returns float32 of
+    the input's shape. Raises ImportError, with how to install it, when topaz is missing.
     """
     reason = topaz_missing()
     if reason is not None:
@@ -100,7 +101,7 @@ def topaz_denoise(images, model: str = DEFAULT_MODEL, device: str | torch.device
     from cryoprior.classical.denoisers import _as_images, _out
 
     x, shape = _as_images(images)  # (n, d, d) float32
-    dev = torch.device(device)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     net = _load(model, dev)
     out = torch.empty_like(x)
     with torch.no_grad():
