@@ -19,3 +19,19 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def simulate_pair(tmp_path_factory):
+    """``simulate_pair(**SimulationConfig fields)`` → (noisy, clean) images ``(n, d, d)`` float32
+    of a stack simulated with that configuration (clean: ``cpCleanImageName``)."""
+    from cryoprior.io.stack import ParticleStack
+    from cryoprior.sim.dataset import SimulationConfig, simulate_dataset
+
+    def make(**config):
+        out = tmp_path_factory.mktemp("sim") / "sim"
+        simulate_dataset(SimulationConfig(**config), out)
+        stack = ParticleStack.from_file(out / "particles.star")
+        return stack.images(), stack.read_image_column("cpCleanImageName")
+
+    return make

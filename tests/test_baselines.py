@@ -10,19 +10,14 @@ import torch
 
 from cryoprior.classical import available, denoise, estimate_noise_sigma, nlm, wiener_filter
 from cryoprior.core.metrics import psnr
-from cryoprior.io.stack import ParticleStack
-from cryoprior.sim.dataset import SimulationConfig, simulate_dataset
 
 HAS_BM3D = importlib.util.find_spec("bm3d") is not None
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def pair(simulate_pair):
     """24 noisy particles at SNR 0.5 and their clean images, box 32."""
-    out = tmp_path_factory.mktemp("den") / "sim"
-    simulate_dataset(SimulationConfig(box=32, n=24, views=4, snr=0.5, seed=1), out)
-    stack = ParticleStack.from_file(out / "particles.star")
-    return stack.images(), stack.read_image_column("cpCleanImageName")
+    return simulate_pair(box=32, n=24, views=4, snr=0.5, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
-"""Classical denoising baselines: non-local means, Gaussian low-pass, Wiener, BM3D (optional).
+"""Denoising baselines: non-local means, Gaussian low-pass, Wiener; BM3D and Topaz-Denoise (optional).
 
 >>> denoised = denoise(images, "nlm")        # (n, d, d) float32 in and out   # doctest: +SKIP
->>> available()                              # ['nlm', 'lowpass', 'wiener'] (+ 'bm3d' if installed)  # doctest: +SKIP
+>>> available()                              # ['nlm', 'lowpass', 'wiener'] (+ 'bm3d', 'topaz' if installed)  # doctest: +SKIP
 """
 
 from cryoprior.classical.denoisers import (
@@ -12,6 +12,7 @@ from cryoprior.classical.denoisers import (
     estimate_noise_sigma,
     lowpass,
     nlm,
+    topaz_denoise,
     wiener,
     wiener_filter,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "estimate_noise_sigma",
     "lowpass",
     "nlm",
+    "topaz_denoise",
     "wiener",
     "wiener_filter",
 ]

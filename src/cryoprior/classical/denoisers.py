@@ -1,4 +1,4 @@
-"""Classical denoisers: non-local means, Gaussian low-pass, Wiener filter, BM3D (optional).
+"""Classical denoisers: non-local means, Gaussian low-pass, Wiener filter; BM3D and Topaz (optional).
 
 All take images ``(n, d, d)`` (or one ``(d, d)``), array or tensor, and return float32 numpy of
 the same shape; nothing is changed in place. Noise is assumed additive; its standard deviation
@@ -15,6 +15,9 @@ reaches at the SNRs of cryo-EM.
   signal power ``S = max(P - N, 0)`` from the stack's mean power spectrum ``P``.
 - ``bm3d``: the ``bm3d`` package (non-commercial licence, an optional extra that cryoprior never
   requires) per image, with the estimated ``sigma``.
+- ``topaz``: Topaz-Denoise's pretrained network (GPL-3 ``topaz-em``, an optional extra) per image,
+  as ``topaz denoise`` does a micrograph (``classical.topaz_baseline``); ``model=`` picks another
+  pretrained model than ``unet``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cryoprior.classical.topaz_baseline import topaz_denoise, topaz_missing
 from cryoprior.core.fft import fft2c, ifft2c
 from cryoprior.core.filters import estimate_noise_psd, gaussian_lowpass
 from cryoprior.core.fsc import radial_average, radial_shell_index
@@ -187,16 +191,19 @@ DENOISERS: dict[str, Callable[..., np.ndarray]] = {
     "lowpass": lowpass,
     "wiener": wiener,
     "bm3d": bm3d_denoise,
+    "topaz": topaz_denoise,
 }
 
 
 def available() -> list[str]:
-    """The denoisers usable here: always nlm, lowpass, wiener; bm3d when its package is installed."""
-    return [m for m in DENOISERS if m != "bm3d" or importlib.util.find_spec("bm3d") is not None]
+    """The denoisers usable here: always nlm, lowpass, wiener; bm3d when its package is installed;
+    topaz when ``topaz.denoise`` imports."""
+    optional = {"bm3d": lambda: importlib.util.find_spec("bm3d") is not None, "topaz": lambda: topaz_missing() is None}
+    return [m for m in DENOISERS if m not in optional or optional[m]()]
 
 
 def denoise(images, method: str, **kw) -> np.ndarray:
-    """Denoise images ``(n, d, d)`` with ``method`` in ``{"nlm", "lowpass", "wiener", "bm3d"}``.
+    """Denoise images ``(n, d, d)`` with ``method`` in ``{"nlm", "lowpass", "wiener", "bm3d", "topaz"}``.
 
     Keyword options go to the method's function. Returns float32 ``(n, d, d)``.
     """

@@ -47,7 +47,7 @@ SKIP_DIRS = {"figures", "checkpoints", "volumes", "logs"}
 #: how methods are named in tables and figures
 METHOD_LABELS = {
     "cdae": "CDAE", "nlm": "non-local means", "lowpass": "Gaussian low-pass", "wiener": "Wiener filter",
-    "bm3d": "BM3D", "kmeans": "k-means", "cdae-kmeans": "CDAE + k-means", "drvae-bsk": "DRVAE + BSK-means++", "gaussian": "MAP, Gaussian prior",
+    "bm3d": "BM3D", "topaz": "Topaz-Denoise (pretrained)", "kmeans": "k-means", "cdae-kmeans": "CDAE + k-means", "drvae-bsk": "DRVAE + BSK-means++", "gaussian": "MAP, Gaussian prior",
     "red": "MAP, RED prior (3D U-Net)", "cw-red": "MAP, CW-RED prior (3D U-Net)",
 }
 

@@ -45,7 +45,7 @@ from cryoprior.workflows.runs import RunDir, run_folder
 log = logging.getLogger(__name__)
 
 K_VIEWS = 4  # discrete views of the four-view stacks = classes of the classification
-DENOISERS = ("cdae", "nlm", "lowpass", "wiener", "bm3d")  # bm3d: only with the optional bm3d package
+DENOISERS = ("cdae", "nlm", "lowpass", "wiener", "bm3d", "topaz")  # bm3d, topaz: only with their optional packages
 PRIORS = ("gaussian", "red", "cw-red")
 
 
