@@ -259,8 +259,7 @@ def calibrate(denoiser: Denoiser, config: CWRedCalibrationConfig, base: Prior3DC
     base = dataclasses.replace(base, n_particles=list(config.n_particles), snr=list(config.snr))
     lambdas = [i / config.lambda_steps for i in range(config.lambda_steps + 1)]
     curves, table = [], []
-    for index, case in enumerate(progress(_cases(specs, config, base), total=len(specs or []) or config.maps,
-                                          desc="calibrate-cw-red")):
+    for case in progress(_cases(specs, config, base), total=len(specs or []) or config.maps, desc="calibrate-cw-red"):
         full = lambda_curve(case, denoiser, lambdas, None, config.metric)
         variants = [("full box", full)]
         shell = config.box / full["input_res_a"] * case["pixel_size_a"]  # resolution as a shell radius
