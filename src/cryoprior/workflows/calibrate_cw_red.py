@@ -76,13 +76,13 @@ TIE = {"mean_fsc": 1e-4, "res_0143": 1e-3}  # differences below these (FSC, Å) 
 class CWRedCalibrationConfig:
     """Options of ``cryoprior calibrate-cw-red`` (the calibration set and the λ grid)."""
 
-    maps: int = field(default=24, metadata={"help": "pseudo-proteins, one simulated data set each"})
+    maps: int = field(default=32, metadata={"help": "pseudo-proteins, one simulated data set each"})
     box: int = field(default=32, metadata={"help": "box of the maps"})
     n_particles: list[int] = field(
-        default_factory=lambda: [60, 4000], metadata={"nargs": 2, "help": "particle count range (log-uniform)"}
+        default_factory=lambda: [50, 20000], metadata={"nargs": 2, "help": "particle count range (log-uniform)"}
     )
     snr: list[float] = field(
-        default_factory=lambda: [0.002, 0.3], metadata={"nargs": 2, "help": "image SNR range (log-uniform)"}
+        default_factory=lambda: [0.002, 1.0], metadata={"nargs": 2, "help": "image SNR range (log-uniform)"}
     )
     band_limit_shells: list[int] = field(
         default_factory=lambda: [4, 10],
