@@ -152,11 +152,11 @@ def test_command_writes_model_json_atomically_and_rejects_a_bad_model(tmp_path, 
 def test_shipped_model_carries_thresholds_calibrated_on_pseudo_proteins():
     """The shipped model.json records CW-RED thresholds, set on procedural pseudo-proteins only
     (never the benchmarks' held-out structures), spanning ~25 Å to Nyquist at box 32."""
-    from cryoprior.nn.prior3d import HELD_OUT_STRUCTURES, _model_files
+    from cryoprior.nn.prior3d import HELD_OUT_STRUCTURES, model_record
 
     low, high = cw_red_thresholds(None)
     assert (low, high) != PAPER_CW_THRESHOLDS_A and load_denoiser(None).cw_red_a == (low, high)
-    record = _model_files(None)[1]["cw_red"]["calibration"]
+    record = model_record(None)["cw_red"]["calibration"]
     assert all(r["structure"].startswith("pseudo:") for r in record["table"])
     assert not {r["structure"] for r in record["table"]} & set(HELD_OUT_STRUCTURES)
     lo_res, hi_res = record["input_res_range_a"]

@@ -243,6 +243,11 @@ def training_pixel_size_a(path: str | Path | None = None) -> tuple[float, float]
     return float(value[0]), float(value[1])
 
 
+def model_record(path: str | Path | None = None) -> dict:
+    """The ``model.json`` of a saved model (folder or ``model.pt``; None: the shipped one)."""
+    return _model_files(path)[1]
+
+
 def cw_red_thresholds(path: str | Path | None = None) -> tuple[float, float] | None:
     """``(low_a, high_a)``: CW-RED's λ = 0 / λ = 1 resolutions calibrated for a saved model
     (``model.json`` ``cw_red``, written by ``cryoprior calibrate-cw-red``), None when absent."""

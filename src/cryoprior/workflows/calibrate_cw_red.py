@@ -44,7 +44,7 @@ import torch
 
 from cryoprior.core.fsc import fsc, resolution_at
 from cryoprior.errors import InputError
-from cryoprior.nn.prior3d import Prior3DConfig, _model_files, load_denoiser, write_model_record
+from cryoprior.nn.prior3d import Prior3DConfig, load_denoiser, model_record, write_model_record
 from cryoprior.nn.prior3d_data import (
     PSEUDO_PREFIX,
     draw_reconstruction,
@@ -117,7 +117,7 @@ class CWRedCalibrationConfig:
 def model_noise_config(model: str | Path | None) -> Prior3DConfig:
     """The ``Prior3DConfig`` a saved model was trained with (``model.json`` ``training.config``;
     unknown keys dropped), the defaults when the record lacks it."""
-    _, cfg, _ = _model_files(model)
+    cfg = model_record(model)
     training = cfg.get("training") if isinstance(cfg, dict) else None
     record = training.get("config") if isinstance(training, dict) else None
     if not isinstance(record, dict):
