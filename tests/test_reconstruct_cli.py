@@ -82,3 +82,26 @@ def test_refine_without_start_map_fails(sim, tmp_path, capsys):
     rc = main(["-q", "reconstruct", str(sim / "particles.star"), "--refine", "--out", str(tmp_path / "x")])
     assert rc == 2 and "--start" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cw_red_uses_the_models_thresholds_unless_flags_are_given(sim, tmp_path):
+    """A model whose model.json calibrates λ = 1 from 40 Å: CW-RED trusts it on this ~10.6 Å
+    stack; --cw-low-a/--cw-high-a 10/4.5 (the paper's) give λ = 0 on the same data."""
+    import torch
+
+    from cryoprior.nn.models.unet3d import UNet3D, UNet3DConfig
+    from cryoprior.nn.prior3d import save_model
+
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    save_model(UNet3D(UNet3DConfig(levels=2, base_channels=2)), model, {"cw_red": {"low_a": 50.0, "high_a": 40.0}})
+    base = ["-q", "reconstruct", str(sim / "particles.star"), "--prior", "cw-red", "--denoiser", str(model)]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "fsc.json").read_text())["lambda"] == 1.0
+    recorded = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["reconstruction"]
+    assert (recorded["cw_low_a"], recorded["cw_high_a"]) == (50.0, 40.0)
+    assert main([*base, "--cw-low-a", "10", "--cw-high-a", "4.5", "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "fsc.json").read_text())["lambda"] == 0.0
+    # one flag against the model's other threshold: a one-line error before any output
+    assert main([*base, "--cw-high-a", "60", "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()

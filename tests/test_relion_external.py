@@ -425,3 +425,24 @@ def test_incomplete_tau2_table_is_an_error_and_removes_stale_results(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "external_reconstruct_tau2" in err, err
     assert not job.result.exists() and not job.result_star.exists()
+
+
+def test_cw_red_takes_the_models_thresholds_unless_set(tmp_path, caplog):
+    """The denoiser's model.json `cw_red` thresholds set λ when --cw-low-a/--cw-high-a are unset:
+    at 10 Å/px the FSC never crosses 0.143 (resolution 20 Å, Nyquist): the paper's 10 Å gives
+    λ = 0, a model calibrated to trust itself from 40 Å gives λ = 1."""
+    import logging
+
+    from cryoprior.nn.models.unet3d import UNet3D, UNet3DConfig
+    from cryoprior.nn.prior3d import save_model
+
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    save_model(UNet3D(UNet3DConfig(levels=2, base_channels=2)), model, {"cw_red": {"low_a": 50.0, "high_a": 40.0}})
+    fsc = np.clip(np.linspace(1.0, 0.2, D // 2 + 1), 0, None)
+    star = write_relion_job(tmp_path, _volume(3), symmetric_weight(2), np.ones(D // 2 + 1), fsc, pixel_size=10.0)
+    for flags, lam in (({}, "λ = 1,"), ({"cw_low_a": 10.0, "cw_high_a": 4.5}, "λ = 0,")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="cryoprior"):
+            run_external(star, RelionExternalConfig(prior="cw-red", denoiser=str(model), **flags))
+        assert lam in caplog.text, caplog.text

@@ -5,8 +5,8 @@ known-pose gold-standard reconstruction with each prior — FSC to truth (0.5 an
 half-map resolution (0.143; with a learned prior it can over-estimate the true one, which the
 paper warns of) — and, on a subset, refinement from the truth low-passed (angular error). Each
 known-pose row says whether it is a *target case* (the Gaussian half-map resolution finer than
-``cw_low_a`` = 10 Å, where CW-RED's λ > 0) and there whether RED / CW-RED beat the Gaussian's
-FSC-to-truth 0.143 resolution; the Markdown counts them.
+CW-RED's λ = 0 threshold ``cw_low_a``: the model's calibrated one, else 10 Å) and there whether
+RED / CW-RED beat the Gaussian's FSC-to-truth 0.143 resolution; the Markdown counts them.
 
 The known-pose timing against cryoDRGN lives in :mod:`cryoprior.bench.red_timing`.
 Writes ``bench_red.md``, ``bench_red.json`` and ``fsc_<structure>.png`` under ``out_dir``.
@@ -32,7 +32,12 @@ from cryoprior.errors import CryopriorError
 from cryoprior.fileutil import atomic_path
 from cryoprior.io.relion import half_sets
 from cryoprior.io.stack import ParticleStack
-from cryoprior.recon.mstep import ReconstructionConfig, load_prior_denoiser, reconstruct_halves
+from cryoprior.recon.mstep import (
+    ReconstructionConfig,
+    cw_thresholds,
+    load_prior_denoiser,
+    reconstruct_halves,
+)
 from cryoprior.recon.refine import RefineConfig
 from cryoprior.sim.structures import (
     recommended_pixel_size_a,
@@ -195,7 +200,7 @@ def run(
             known += rows
             _plot(out_dir / f"fsc_{structure}.png", structure, rows, np.arange(box // 2 + 1) / (box * pixel))
     timing = time_known_pose(timing_n or (2000 if quick else 10_000), 64, device)
-    known, target = target_cases(known, ReconstructionConfig().cw_low_a)
+    known, target = target_cases(known, cw_thresholds(ReconstructionConfig(), denoiser)[0])
     result = {
         "quick": quick, "box": box, "n": n, "snrs": list(snrs), "structures": structures,
         "structures_source": source, "denoiser": denoiser_note, "threads": torch.get_num_threads(),

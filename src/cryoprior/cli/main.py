@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "relion-external": "relion_external",
     "report": "report",
     "train-prior3d": "train_prior3d",
+    "calibrate-cw-red": "calibrate_cw_red",
     "classify": "classify",
 }
 
@@ -43,6 +44,7 @@ SUMMARIES: dict[str, str] = {
     "relion-external": "Reconstruct for RELION (``--external_reconstruct``) with a Gaussian, RED or CW-RED prior.",
     "report": "Write a self-contained HTML report (figures embedded) for a run folder.",
     "train-prior3d": "Train the learned 3D prior (a residual 3D U-Net) for RED reconstruction.",
+    "calibrate-cw-red": "Calibrate CW-RED's λ thresholds (λ = 0 / λ = 1 resolutions) for a trained 3D prior.",
     "classify": "Classify particle images into K classes without references (2D, unsupervised).",
 }
 

@@ -3,7 +3,8 @@
 Builds noisy intermediate maps of many structures (cached in OUT/pairs, reused on a rerun),
 trains with Adam (checkpoint each epoch, resumes), and validates on held-out structures: the
 FSC-to-truth resolution of the noisy input vs of the denoised output (OUT/validation.json).
-Load the result with ``cryoprior.nn.prior3d.load_denoiser(OUT)``.
+Load the result with ``cryoprior.nn.prior3d.load_denoiser(OUT)``; set its CW-RED thresholds with
+``cryoprior calibrate-cw-red --model OUT``.
 
 example:
   cryoprior train-prior3d --out prior3d_run --box 32 --epochs 20

@@ -227,6 +227,8 @@ def load_denoiser(
     # (lo, hi) Å/px the model was trained at, or None for a model without that record: the
     # M-step (recon.mstep.red_prior_fourier) resamples a map at another pixel size into it
     denoise.pixel_size_a = training_pixel_size_a(path)
+    # CW-RED's (low, high) Å calibrated for this model, or None: recon.mstep.cw_thresholds
+    denoise.cw_red_a = cw_red_thresholds(path)
     return denoise
 
 
@@ -239,6 +241,45 @@ def training_pixel_size_a(path: str | Path | None = None) -> tuple[float, float]
     if not (isinstance(value, list) and len(value) == 2 and 0 < value[0] <= value[1]):
         return None
     return float(value[0]), float(value[1])
+
+
+def model_record(path: str | Path | None = None) -> dict:
+    """The ``model.json`` of a saved model (folder or ``model.pt``; None: the shipped one)."""
+    return _model_files(path)[1]
+
+
+def cw_red_thresholds(path: str | Path | None = None) -> tuple[float, float] | None:
+    """``(low_a, high_a)``: CW-RED's λ = 0 / λ = 1 resolutions calibrated for a saved model
+    (``model.json`` ``cw_red``, written by ``cryoprior calibrate-cw-red``), None when absent."""
+    _, cfg, _ = _model_files(path)
+    record = cfg.get("cw_red")
+    if not isinstance(record, dict):
+        return None
+    low, high = record.get("low_a"), record.get("high_a")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (low, high)) or not 0 < high < low:
+        return None
+    return float(low), float(high)
+
+
+def write_model_record(path: str | Path, key: str, record: dict) -> Path:
+    """Set ``model.json[key] = record`` of the saved model at ``path`` (folder or ``model.pt``),
+    written atomically (a temporary file renamed over it). Raises :class:`InputError` naming
+    the file when it is not a model. → the ``model.json`` path."""
+    if path is None:
+        raise InputError("give the model folder to write to (the shipped model: src/cryoprior/data/prior3d)")
+    _, cfg, _ = _model_files(path)
+    if not isinstance(cfg, dict) or "unet" not in cfg:
+        raise InputError("not a prior3d model config (no 'unet' entry)", _config_path(path))
+    cfg[key] = record
+    target = _config_path(path)
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    return target
+
+
+def _config_path(path: str | Path) -> Path:
+    path = Path(path)
+    return (path / MODEL_FILE if path.is_dir() else path).with_suffix(".json")
 
 
 def save_model(net: UNet3D, folder: str | Path, summary: dict | None = None, half: bool = False) -> Path:

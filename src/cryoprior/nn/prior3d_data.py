@@ -167,16 +167,17 @@ def perturb_rotations(
     return quaternion_to_matrix(q).to(rotations) @ rotations
 
 
-def reconstruction_input(
+def simulate_particles(
     truth: torch.Tensor,
     pixel_size_a: float,
     n_particles: int,
     snr: float,
-    pose_error_deg: float,
     settings: NoiseSettings,
     generator: torch.Generator,
-) -> torch.Tensor:
-    """An unregularised reconstruction of ``truth`` ``(d, d, d)`` from noisy projections. → ``(d, d, d)``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Noisy projections of ``truth`` ``(d, d, d)`` at ``n`` uniform orientations, CTF-modulated
+    (random defocus) when ``settings.ctf``, white noise at ``snr`` (one σ per stack).
+    → images ``(n, d, d)``, true rotations ``(n, 3, 3)``, CTFs ``(n, d, d)`` or None."""
     d = truth.shape[-1]
     rots = random_rotations(n_particles, generator, dtype=torch.float32)
     images = project(truth, rots)  # (n, d, d)
@@ -187,8 +188,31 @@ def reconstruction_input(
         ctf = ctf_2d(d, pixel_size_a, df, df, 0.0, dtype=images.dtype)  # (n, d, d)
         images = apply_ctf(images, ctf)
     noisy, _ = add_noise(images, snr, generator, per_stack=True)
+    return noisy, rots, ctf
+
+
+def reconstruction_input(
+    truth: torch.Tensor,
+    pixel_size_a: float,
+    n_particles: int,
+    snr: float,
+    pose_error_deg: float,
+    settings: NoiseSettings,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """An unregularised reconstruction of ``truth`` ``(d, d, d)`` from noisy projections. → ``(d, d, d)``."""
+    noisy, rots, ctf = simulate_particles(truth, pixel_size_a, n_particles, snr, settings, generator)
     est = perturb_rotations(rots, pose_error_deg, generator)
     return reconstruct(noisy, est, ctf=ctf, wiener_constant=settings.wiener_constant)
+
+
+def draw_reconstruction(settings: NoiseSettings, generator: torch.Generator) -> tuple[int, float, float]:
+    """``(n_particles, snr, pose_error_deg)`` of one reconstruction pair: log-uniform count and SNR
+    in the settings' ranges, pose error uniform in ``[0, settings.pose_error_deg]``."""
+    n = int(round(_log_uniform(*settings.n_particles, generator)))
+    snr = _log_uniform(*settings.snr, generator)
+    pose = settings.pose_error_deg * float(torch.rand((), generator=generator))
+    return n, snr, pose
 
 
 def make_pair(
@@ -205,9 +229,7 @@ def make_pair(
     truth, pixel_size_a = load_truth(spec, box)
     meta: dict = {"structure": spec, "box": box, "pixel_size_a": pixel_size_a, "index": index}
     if noise_model == "reconstruction":
-        n = int(round(_log_uniform(*settings.n_particles, g)))
-        snr = _log_uniform(*settings.snr, g)
-        pose = settings.pose_error_deg * float(torch.rand((), generator=g))
+        n, snr, pose = draw_reconstruction(settings, g)
         noisy = reconstruction_input(truth, pixel_size_a, n, snr, pose, settings, g)
         meta.update(n_particles=n, snr=snr, pose_error_deg=pose)
     else:

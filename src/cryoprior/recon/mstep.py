@@ -16,9 +16,11 @@ Notation of the paper, on the padded, centred 3D Fourier grid of :mod:`cryoprior
   correction;
 - eq. (17)  RED: ``x = (B + λ τ⁻² f(x̃)) / (K + τ⁻²)`` with ``x̃ = B / K`` and ``f`` a denoiser
   applied in real space. We evaluate it as ``(τ² B + λ f̂) / (τ² K + 1)``, defined for τ² = 0.
-- CW-RED:   ``λ`` from the half-map resolution: 0 at ``cw_low_a`` (10 Å) or worse, 1 at
-  ``cw_high_a`` (4.5 Å) or better, linear in between (the paper's rule; the public reference
-  script's threshold test always yields λ = 1).
+- CW-RED:   ``λ`` from the half-map resolution: 0 at ``cw_low_a`` or worse, 1 at ``cw_high_a``
+  or better, linear in between (the paper's rule; the public reference script's threshold test
+  always yields λ = 1). The thresholds belong to the denoiser: unset, they are the model's
+  calibrated ones (``model.json`` ``cw_red``, see ``workflows.calibrate_cw_red``), else the
+  paper's 10 Å / 4.5 Å (:func:`cw_thresholds`).
 
 Padded voxel ``k`` belongs to shell ``round(|k| / pad)`` of the original box (as RELION); only
 voxels with ``|k|² < round(r_max · pad)²`` take part (``r_max`` = current size / 2), the rest
@@ -60,8 +62,12 @@ class ReconstructionConfig:
     pad: int = field(default=2, metadata={"help": "Fourier padding factor"})
     tau2_fudge: float = field(default=1.0, metadata={"help": "RELION's τ² fudge factor T"})
     red_lambda: float = field(default=1.0, metadata={"help": "λ of --prior red"})
-    cw_low_a: float = field(default=10.0, metadata={"help": "CW-RED: λ = 0 at this resolution (Å) or worse"})
-    cw_high_a: float = field(default=4.5, metadata={"help": "CW-RED: λ = 1 at this resolution (Å) or better"})
+    cw_low_a: float | None = field(
+        default=None, metadata={"help": "CW-RED: λ = 0 at this resolution (Å) or worse [the model's calibrated "
+                                "value (model.json cw_red), else 10]"})
+    cw_high_a: float | None = field(
+        default=None, metadata={"help": "CW-RED: λ = 1 at this resolution (Å) or better [the model's calibrated "
+                                "value, else 4.5]"})
     fsc_threshold: float = field(default=0.143, metadata={"help": "FSC threshold for the resolution"})
     full_set_fsc: str = field(
         default="ssnr", metadata={"choices": list(FULL_SET_RULES), "help": "full-set map's FSC from the half-set f: "
@@ -86,6 +92,7 @@ class ReconstructionConfig:
             raise ValueError(f"pad must be >= 1, got {self.pad}")
         numbers = {"red_lambda": self.red_lambda, "tau2_fudge": self.tau2_fudge, "cw_low_a": self.cw_low_a,
                    "cw_high_a": self.cw_high_a, "weight_floor": self.weight_floor, "fsc_threshold": self.fsc_threshold}
+        numbers = {k: v for k, v in numbers.items() if v is not None}  # unset thresholds: the model's
         for name, value in numbers.items():
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}")
@@ -93,7 +100,10 @@ class ReconstructionConfig:
             raise ValueError(f"tau2_fudge must be positive, got {self.tau2_fudge}")
         if self.red_lambda < 0:
             raise ValueError(f"red_lambda must be >= 0, got {self.red_lambda}")
-        if not 0 < self.cw_high_a < self.cw_low_a:
+        for name in ("cw_low_a", "cw_high_a"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.cw_low_a is not None and self.cw_high_a is not None and not self.cw_high_a < self.cw_low_a:
             raise ValueError(f"need 0 < cw_high_a < cw_low_a, got {self.cw_high_a}, {self.cw_low_a}")
         if not 0 < self.fsc_threshold < 1:
             raise ValueError(f"fsc_threshold must lie strictly between 0 and 1, got {self.fsc_threshold}")
@@ -288,6 +298,25 @@ def red_prior_fourier(
     return volume_to_fourier(apply_denoiser_at_pixel_size(denoiser, vol, pixel_size_a), pad)
 
 
+PAPER_CW_THRESHOLDS_A = (10.0, 4.5)
+"""CW-RED's (low, high) thresholds of Kimanius et al. for their network: the fallback for a model
+without calibrated ones."""
+
+
+def cw_thresholds(config: ReconstructionConfig, denoiser: Denoiser | None = None) -> tuple[float, float]:
+    """CW-RED's ``(low_a, high_a)``: each set in ``config`` wins; an unset one is the denoiser's
+    calibrated value (its ``cw_red_a = (low, high)`` attribute, from ``model.json``, see
+    ``nn.prior3d.load_denoiser``), else the paper's (:data:`PAPER_CW_THRESHOLDS_A`). Raises
+    ValueError when the pair is not ``low > high > 0``."""
+    model = getattr(denoiser, "cw_red_a", None) or PAPER_CW_THRESHOLDS_A
+    low = model[0] if config.cw_low_a is None else config.cw_low_a
+    high = model[1] if config.cw_high_a is None else config.cw_high_a
+    if not 0 < high < low:
+        raise ValueError(f"CW-RED needs 0 < cw_high_a < cw_low_a, got cw_high_a {high:g}, cw_low_a {low:g} "
+                         f"(the model's thresholds are {model[0]:g} / {model[1]:g} Å)")
+    return float(low), float(high)
+
+
 def cw_red_lambda(resolution_a: float, low_a: float = 10.0, high_a: float = 4.5) -> float:
     """CW-RED confidence: 0 at ``low_a`` Å or worse, 1 at ``high_a`` or better, linear between."""
     if not 0 < high_a < low_a:
@@ -342,7 +371,7 @@ def map_reconstruct(
         if not pixel_size_a > 0:
             raise ValueError("CW-RED needs the pixel size for λ (or give lam)")
         lam = cw_red_lambda_from_fsc(
-            fsc_curve.cpu(), box, pixel_size_a, config.cw_low_a, config.cw_high_a, config.fsc_threshold
+            fsc_curve.cpu(), box, pixel_size_a, *cw_thresholds(config, denoiser), config.fsc_threshold
         )
     elif lam is None:
         lam = config.red_lambda if config.prior == "red" else 0.0
@@ -453,7 +482,7 @@ def reconstruct_halves(
     lam = None
     if config.prior == "cw-red":
         lam = cw_red_lambda_from_fsc(
-            fsc_unreg.cpu(), acc1.box, pixel_size_a, config.cw_low_a, config.cw_high_a, config.fsc_threshold
+            fsc_unreg.cpu(), acc1.box, pixel_size_a, *cw_thresholds(config, denoiser), config.fsc_threshold
         )
     h1 = map_reconstruct(acc1, fsc_unreg, pixel_size_a, config, denoiser, False, r_max, lam)
     h2 = map_reconstruct(acc2, fsc_unreg, pixel_size_a, config, denoiser, False, r_max, lam)

@@ -12,6 +12,7 @@ simulated dataset (it has the simulator's truth column ``cpCleanImageName``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from cryoprior.recon.accumulate import Accumulator, backproject
 from cryoprior.recon.mstep import (
     HalfSetResult,
     ReconstructionConfig,
+    cw_thresholds,
     load_prior_denoiser,
     reconstruct_halves,
 )
@@ -169,6 +171,12 @@ def _run_reconstruct(stack, star, out_dir, job: ReconstructJob, recon: Reconstru
     subset = half_sets(stack)
     truth = _load_map(job.truth, stack.box, stack.pixel_size_a, device) if job.truth else None
     denoiser = load_prior_denoiser(job.denoiser, device) if recon.prior != "gaussian" else None
+    if recon.prior == "cw-red":  # unset thresholds: the model's calibrated ones (recorded in config.yaml)
+        try:
+            low, high = cw_thresholds(recon, denoiser)
+        except ValueError as exc:
+            raise InputError(f"invalid option: {exc}") from exc
+        recon = dataclasses.replace(recon, cw_low_a=low, cw_high_a=high)
     if job.refine:
         if job.start is not None:
             start = _load_map(job.start, stack.box, stack.pixel_size_a, device)

@@ -32,6 +32,7 @@ else is written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -58,6 +59,7 @@ from cryoprior.recon.mstep import (
     FULL_SET_RULES,
     PRIORS,
     ReconstructionConfig,
+    cw_thresholds,
     load_prior_denoiser,
     map_reconstruct,
 )
@@ -87,8 +89,10 @@ class RelionExternalConfig:
         default=None, metadata={"flag": "--tau2", "choices": ["auto", "fsc", "star"], "help": f"τ² from the FSC or RELION's τ² [env {ENV['tau2_source']}, auto]"}
     )
     red_lambda: float | None = field(default=None, metadata={"help": f"λ of --prior red [env {ENV['red_lambda']}, 1]"})
-    cw_low_a: float = field(default=10.0, metadata={"help": "CW-RED: λ = 0 at this resolution (Å)"})
-    cw_high_a: float = field(default=4.5, metadata={"help": "CW-RED: λ = 1 at this resolution (Å)"})
+    cw_low_a: float | None = field(
+        default=None, metadata={"help": "CW-RED: λ = 0 at this resolution (Å) [the model's calibrated value, else 10]"})
+    cw_high_a: float | None = field(
+        default=None, metadata={"help": "CW-RED: λ = 1 at this resolution (Å) [the model's calibrated value, else 4.5]"})
     pixel_size_a: float | None = field(
         default=None, metadata={"flag": "--pixel-size", "help": f"Å/pixel when the STAR has no rlnPixelSize [env {ENV['pixel_size_a']}]"}
     )
@@ -211,6 +215,11 @@ def _run_job(job: ExternalJob, cfg: RelionExternalConfig) -> Path:
     denoiser = None
     if cfg.prior != "gaussian" and lam != 0.0:
         denoiser = load_prior_denoiser(cfg.denoiser, cfg.device)
+    if cfg.prior == "cw-red" and denoiser is not None:  # unset thresholds: the model's calibrated ones
+        try:
+            recon = dataclasses.replace(recon, **dict(zip(("cw_low_a", "cw_high_a"), cw_thresholds(recon, denoiser))))
+        except ValueError as exc:
+            raise InputError(f"invalid option: {exc}", job.star) from exc
     result = map_reconstruct(
         acc, fsc, pixel or 0.0, recon, denoiser, full_set=not job.is_half, r_max=job.current_size / 2, lam=lam,
         tau2=tau2,
