@@ -13,7 +13,9 @@
    its class average (of the denoised images, or of the network inputs, ``pseudo_targets``; moved
    into the image's own frame when aligned) as a pseudo-target with weight ``target_weight``;
    training goes on for ``round_steps``. The rounds stop when fewer than ``stop_fraction`` of the
-   particles change class, or after ``max_rounds`` clusterings.
+   particles change class, or after ``max_rounds`` clusterings. Options (off by default): the first
+   clustering on the inputs Gaussian low-passed instead (``first_clustering="lowpass"``), and each
+   later one started from the previous round's classes (``warm_start``).
 
 Every training phase runs in :func:`cryoprior.nn.training.train_loop` with its own checkpoint
 (``checkpoints/round_00.pt`` for the warm-up, ``round_RR.pt`` after clustering ``RR``), and each
