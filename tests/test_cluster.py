@@ -146,6 +146,22 @@ def test_bsk_size_tolerance_keeps_a_real_70_30_split():
     assert np.bincount(bsk_means(y, 2, seed=0, size_tolerance=0.5)[0]).min() == 50
 
 
+def test_bsk_started_from_labels_refines_them_in_one_run():
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(0, 1, (60, 6)), rng.normal(3, 1, (60, 6))]).astype(np.float32)
+    truth = np.repeat([0, 1], 60)
+    # a start with a fifth of each class swapped: the run from its means recovers the truth,
+    # keeps the start's class numbers (no new seeding), and a fixed point stays where it is
+    start = truth.copy()
+    start[:12], start[60:72] = 1, 0
+    labels, centres = bsk_means(x, 2, seed=0, init_labels=start)
+    assert classification_scores(truth, labels)["accuracy"] > 0.95 and (labels == truth).mean() > 0.95
+    again, _ = bsk_means(x, 2, seed=123, init_labels=labels)
+    np.testing.assert_array_equal(again, labels)
+    with pytest.raises(ValueError, match="every class"):
+        bsk_means(x, 3, init_labels=truth)
+
+
 def test_ssnr_wiener_averages_beat_plain_and_flat_and_keep_clean_ones(views):
     noisy, clean, labels = views["noisy001"], views["clean"], views["labels"]
     truth = class_averages(clean, labels, 4)

@@ -14,9 +14,11 @@ from cryoprior.classical.cluster.averages import (
     ctf_class_sums,
     wiener_averages_from_sums,
 )
+from cryoprior.classical.cluster.bsk import bsk_means
 from cryoprior.cli.main import main
 from cryoprior.core.ctf import apply_ctf, ctf_2d, phase_flip
 from cryoprior.core.fft import fft2c
+from cryoprior.core.metrics import classification_scores
 from cryoprior.io.mrc import read_mrc
 from cryoprior.io.stack import ParticleStack
 from cryoprior.nn import drvae
@@ -149,6 +151,27 @@ def test_resume_equals_uninterrupted(sim, tmp_path, monkeypatch):
         train_drvae(stack, DRVAEConfig(**{**TINY, "beta": 0.5}, max_rounds=3), tmp_path / "full", "cpu")
 
 
+def test_lowpass_first_clustering_and_warm_start(sim, tmp_path):
+    stack = ParticleStack.from_file(sim)
+    # no training at all: the first clustering is BSK-means++ on the low-passed inputs
+    cfg = DRVAEConfig(**{**TINY, "warmup_steps": 0, "round_steps": 0}, max_rounds=2, stop_fraction=0.0,
+                      first_clustering="lowpass", lowpass_sigma_px=2.0, warm_start=True)
+    train_drvae(stack, cfg, tmp_path / "run", "cpu")
+    first = np.load(tmp_path / "run" / "rounds" / "round_01.npz")["labels"]
+    prep = drvae.prepare(stack, 16)
+    seen = drvae.lowpass_inputs(prep.x, 2.0 * 16 / 32).reshape(len(first), -1).numpy()
+    expected, _ = bsk_means(seen, 4, cfg.seed + 1, n_init=cfg.bsk_restarts, size_tolerance=cfg.size_tolerance)
+    np.testing.assert_array_equal(first, expected)
+    truth = stack.column("cpViewLabel").astype(np.int64)
+    assert classification_scores(truth, first)["f1"] > 0.9  # SNR 1: the low-pass sees the views
+    # warm start: the second clustering is BSK on the latent started from the first's classes
+    torch.manual_seed(cfg.seed)
+    mu, _ = encode_all(drvae.new_vae(cfg, 16), prep.x, 64, "cpu")  # untrained, as in the run
+    second = np.load(tmp_path / "run" / "rounds" / "round_02.npz")["labels"]
+    warm, _ = bsk_means(mu.numpy(), 4, 0, size_tolerance=cfg.size_tolerance, init_labels=first)
+    np.testing.assert_array_equal(second, warm)
+
+
 # ------------------------------------------------------------------------------------- CTF
 def _ctfs(n, d=32, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -264,3 +287,25 @@ def test_relion_class2d_command_and_skip(monkeypatch):
     assert "not on the PATH" in relion_class2d.available()
     with pytest.raises(Exception, match="not on the PATH"):
         relion_class2d.run_class2d(None, 2, "unused")
+
+
+def test_bench_reuses_relion_rows_only_for_the_same_stacks(tmp_path):
+    from cryoprior.bench import drvae as bench
+    from cryoprior.errors import InputError
+
+    row = {"f1": 0.5, "accuracy": 0.5, "nmi": 0.1, "size_ratio": 0.4, "seconds": 80.0}
+    old = {"n": 400, "box": 64, "quick": True, "relion_iterations": 10,  # no seed/settings: a run before they were saved
+           "grid": {"views-snr0.05": {"1h4a": {"rows": {"relion-class2d": row}}},
+                    "views-snr0.01": {"1h4a": {"rows": {"relion-class2d": {"skipped": "no relion"}}}}}}
+    path = tmp_path / "bench_drvae.json"
+    path.write_text(json.dumps(old))
+    rows = bench._earlier_relion_rows(path, 400, 64, 0, 10, True, ["views-snr0.05", "views-snr0.01"])
+    assert rows == {("views-snr0.05", "1h4a"): {**row, "reused_from": str(path)}}  # a skipped row is not reused
+    assert bench._earlier_relion_rows(None, 400, 64, 0, 10, True, ["views-snr0.05"]) == {}
+    # other stacks (n, seed, the settings' order that seeds them) or another RELION run: refused
+    for args in [(200, 64, 0, 10, True, ["views-snr0.05", "views-snr0.01"]),
+                 (400, 64, 1, 10, True, ["views-snr0.05", "views-snr0.01"]),
+                 (400, 64, 0, 25, True, ["views-snr0.05", "views-snr0.01"]),
+                 (400, 64, 0, 10, True, ["views-snr0.01", "views-snr0.05"])]:
+        with pytest.raises(InputError, match="other"):
+            bench._earlier_relion_rows(path, *args)

@@ -21,6 +21,7 @@ the mean regularised per shell by its half-set SSNR as RELION's 2D references ar
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import platform
 import tempfile
@@ -41,6 +42,7 @@ from cryoprior.classical.cluster.averages import (
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores, match_labels
 from cryoprior.core.rotations import rotate_images
+from cryoprior.errors import InputError
 from cryoprior.io.stack import ParticleStack
 from cryoprior.nn.cdae_ops import flipped_images
 from cryoprior.nn.drvae import DRVAEConfig, train_drvae
@@ -127,8 +129,9 @@ def _row(truth: np.ndarray, labels: np.ndarray, k: int, seconds: float, **extra)
 
 
 def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: Path, seed: int, drvae: DRVAEConfig,
-             relion_iterations: int) -> dict:
-    """Every row of the grid on one stack."""
+             relion_iterations: int, relion_row: dict | None = None) -> dict:
+    """Every row of the grid on one stack (``relion_row``: RELION's row from an earlier run on the
+    same stack, taken instead of running it again)."""
     raw, _ = flipped_images(stack)  # every row sees phase-flipped images (with CTF), as classify gives them
     x = normalize_images(raw).numpy()
     clean = normalize_images(torch.as_tensor(stack.read_image_column("cpCleanImageName"))).numpy()
@@ -161,7 +164,9 @@ def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: P
     labels, s = timed(lambda: cluster(x, k, "bsk", seed))
     rows["bsk-raw"] = _row(truth, labels, k, s)
     reason = relion_class2d.available()
-    if reason is None:
+    if relion_row is not None:
+        rows["relion-class2d"] = relion_row
+    elif reason is None:
         try:
             rel = relion_class2d.run_class2d(stack, k, work / "relion", iterations=relion_iterations, seed=seed)
             rows["relion-class2d"] = _row(truth, rel["labels"], k, rel["seconds"],
@@ -190,13 +195,37 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _earlier_relion_rows(path: str | Path | None, n: int, box: int, seed: int, relion_iterations: int, quick: bool,
+                         settings: list[str]) -> dict:
+    """``{(setting, structure): row}`` of RELION from an earlier ``bench_drvae.json`` run with the
+    same ``n``, ``box``, ``seed``, RELION iterations, ``quick`` and settings in the same order (the
+    simulated stacks, seeded by their place in the run, are then the same); an InputError when
+    they differ."""
+    if path is None:
+        return {}
+    old = json.loads(Path(path).read_text())
+    same = {"n": n, "box": box, "seed": seed, "relion_iterations": relion_iterations, "quick": quick,
+            "settings": settings}
+    old.setdefault("seed", 0)
+    old.setdefault("settings", list(old.get("grid", {})))
+    differ = [key for key, value in same.items() if old.get(key) != value]
+    if differ:
+        raise InputError(f"was run with other {', '.join(differ)}; its RELION rows are not for these stacks", path)
+    return {(s, t): {**rows["rows"]["relion-class2d"], "reused_from": str(path)}
+            for s, per in old["grid"].items() for t, rows in per.items() if "f1" in rows["rows"].get("relion-class2d", {})}
+
+
 def run(n: int = 2000, box: int = 64, quick: bool = False, out_dir: str | Path | None = None, seed: int = 0,
-        settings: list[str] | None = None, relion_iterations: int | None = None) -> dict:
+        settings: list[str] | None = None, relion_iterations: int | None = None,
+        relion_from: str | Path | None = None) -> dict:
     """The grid with ``n`` particles per stack (``quick``: ``QUICK_SETTINGS`` on the first test
     structure, RELION with 10 iterations instead of 25). Writes ``bench_drvae.json``/``.md`` to
-    ``out_dir`` when given."""
+    ``out_dir`` when given. ``relion_from``: an earlier ``bench_drvae.json`` of the same ``n``,
+    ``box``, ``seed`` and RELION iterations whose RELION rows are taken instead of running RELION
+    again on the settings it holds (the stacks are simulated from the same seeds)."""
     settings = list(settings or (QUICK_SETTINGS if quick else SETTINGS))
     relion_iterations = relion_iterations or (10 if quick else 25)
+    earlier = _earlier_relion_rows(relion_from, n, box, seed, relion_iterations, quick, settings)
     drvae = DRVAEConfig()
     jobs = [(s, t) for s in settings for t in TESTS if not (quick or SETTINGS[s][1].startswith("conf")) or t == TESTS[0]]
     t_start = time.perf_counter()
@@ -206,10 +235,11 @@ def run(n: int = 2000, box: int = 64, quick: bool = False, out_dir: str | Path |
             work = Path(tmp) / f"{setting}_{structure}"
             stack, truth, k = _simulate(setting, structure, n, box, seed + 10 + i, work / "sim")
             name = "+".join(CONFORMATIONS) if SETTINGS[setting][1].startswith("conf") else structure
-            rows = evaluate(stack, truth, k, SETTINGS[setting][1], work, seed, drvae, relion_iterations)
+            rows = evaluate(stack, truth, k, SETTINGS[setting][1], work, seed, drvae, relion_iterations,
+                            earlier.get((setting, name)))
             grid.setdefault(setting, {})[name] = {"n": len(stack), "k": k, "rows": rows}
     result = {
-        "n": n, "box": box, "quick": quick, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "n": n, "box": box, "seed": seed, "quick": quick, "settings": settings, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "dev_structure": DEV_STRUCTURE, "test_structures": list(TESTS), "relion_iterations": relion_iterations,
         "drvae_config": dataclasses.asdict(drvae), "grid": grid, "total_seconds": round(time.perf_counter() - t_start, 1),
     }

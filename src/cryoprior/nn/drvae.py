@@ -13,7 +13,9 @@
    its class average (of the denoised images, or of the network inputs, ``pseudo_targets``; moved
    into the image's own frame when aligned) as a pseudo-target with weight ``target_weight``;
    training goes on for ``round_steps``. The rounds stop when fewer than ``stop_fraction`` of the
-   particles change class, or after ``max_rounds`` clusterings.
+   particles change class, or after ``max_rounds`` clusterings. Options (off by default): the first
+   clustering on the inputs Gaussian low-passed instead (``first_clustering="lowpass"``), and each
+   later one started from the previous round's classes (``warm_start``).
 
 Every training phase runs in :func:`cryoprior.nn.training.train_loop` with its own checkpoint
 (``checkpoints/round_00.pt`` for the warm-up, ``round_RR.pt`` after clustering ``RR``), and each
@@ -42,7 +44,7 @@ from cryoprior.classical.cluster.averages import class_averages
 from cryoprior.classical.cluster.bsk import balanced_assignment, bsk_means, reliable_mask
 from cryoprior.core.ctf import phase_flip
 from cryoprior.core.fft import fft2c, ifft2c
-from cryoprior.core.filters import downsample
+from cryoprior.core.filters import downsample, gaussian_lowpass, normalize_images
 from cryoprior.core.metrics import classification_scores, match_labels
 from cryoprior.core.rotations import rotate_images
 from cryoprior.errors import InputError
@@ -56,6 +58,7 @@ from cryoprior.nn.training import epoch_seed, train_loop
 log = logging.getLogger(__name__)
 
 CLUSTER_ON = ("denoised", "latent")
+FIRST_CLUSTERING = ("network", "lowpass")
 PSEUDO_TARGETS = ("denoised", "raw")
 CHUNK = 4096
 
@@ -80,6 +83,11 @@ class DRVAEConfig:
     reliable_fraction: float = field(default=0.5, metadata={"help": "fraction of each class nearest its centre given a pseudo-target"})
     target_weight: float = field(default=1.0, metadata={"help": "weight of the pseudo-target loss"})
     cluster_on: str = field(default="latent", metadata={"choices": list(CLUSTER_ON), "help": "what BSK-means++ clusters (--align: always the denoised images)"})
+    first_clustering: str = field(default="network", metadata={"choices": list(FIRST_CLUSTERING), "help": "what the first clustering sees: what --cluster-on says (network), or the network inputs Gaussian low-passed by --lowpass-sigma (lowpass)"})
+    lowpass_sigma_px: float = field(default=1.5, metadata={"flag": "--lowpass-sigma", "help": "real-space width of the low-pass of --first-clustering lowpass, input px"})
+    warm_start: bool = field(default=False, metadata={"help": "each clustering after the first starts from the previous round's classes (no new k-means++ seeding)"})
+    bsk_restarts: int = field(default=3, metadata={"help": "k-means++ seedings of BSK-means++, the lowest inertia kept"})
+    align_restarts: int = field(default=1, metadata={"help": "with --align: align-kmeans seedings of the first clustering, the lowest aligned cost kept"})
     pseudo_targets: str = field(default="denoised", metadata={"choices": list(PSEUDO_TARGETS), "help": "class averages of the denoised images or of the network inputs"})
     align: bool = field(default=False, metadata={"help": "cluster up to in-plane rotation (and --max-shift)"})
     max_shift_px: int = field(default=0, metadata={"flag": "--max-shift", "help": "translations searched with --align, input px per axis"})
@@ -87,7 +95,8 @@ class DRVAEConfig:
 
     def validate(self) -> None:
         positive = {"--classes": self.classes, "--latent-dim": self.latent_dim, "--vae-batch-size": self.vae_batch_size,
-                    "--max-rounds": self.max_rounds}
+                    "--max-rounds": self.max_rounds, "--bsk-restarts": self.bsk_restarts,
+                    "--align-restarts": self.align_restarts}
         for flag, value in positive.items():
             if value < 1:
                 raise InputError(f"{flag} must be >= 1, got {value}")
@@ -105,6 +114,8 @@ class DRVAEConfig:
             raise InputError("--reliable-fraction must be in (0, 1], --stop-fraction in [0, 1]")
         if self.cluster_on not in CLUSTER_ON or self.pseudo_targets not in PSEUDO_TARGETS:
             raise InputError(f"--cluster-on must be one of {CLUSTER_ON}, --pseudo-targets one of {PSEUDO_TARGETS}")
+        if self.first_clustering not in FIRST_CLUSTERING or not self.lowpass_sigma_px >= 0:
+            raise InputError(f"--first-clustering must be one of {FIRST_CLUSTERING}, --lowpass-sigma >= 0")
 
     def working_box(self, box: int) -> int:
         return box if self.net_box == 0 else min(self.net_box, box)
@@ -195,17 +206,24 @@ def _in_own_frame(averages: torch.Tensor, labels: np.ndarray, angles: np.ndarray
 
 
 def aligned_bsk(images: torch.Tensor, k: int, seed: int, max_shift: int, n_angles: int = 36, max_iter: int = 10,
-                size_tolerance: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """BSK-means++ up to in-plane rotation and integer shifts: seeded by ``align_kmeans``, then
-    balanced assignments under the aligned distance. ``images`` ``(n, d, d)``.
+                size_tolerance: float = 0.0, init: Assignment | None = None, n_init: int = 1
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """BSK-means++ up to in-plane rotation and integer shifts: seeded by ``align_kmeans`` (or by
+    the classes and poses of ``init``; best of ``n_init`` seedings), then balanced assignments under the aligned distance.
+    ``images`` ``(n, d, d)``.
 
     Returns ``(labels, angles rad, shifts (n, 2) px, averages (k, d, d), own cost (n,))``.
     """
-    labels, _, _, centres = align_kmeans(images, k, seed, n_angles=n_angles, max_shift=max_shift, n_init=1)
+    if init is None:
+        labels, _, _, centres = align_kmeans(images, k, seed, n_angles=n_angles, max_shift=max_shift, n_init=n_init)
+        centres = torch.as_tensor(centres)
+    else:
+        labels = init.labels
+        centres = aligned_averages(images, torch.as_tensor(labels), torch.as_tensor(init.angles, dtype=torch.float32),
+                                   torch.as_tensor(init.shifts), k, centre=max_shift > 0)
     mask = alignment_mask(images.shape[-1])
     x = images * mask
     grid = torch.arange(n_angles, dtype=torch.float32) * (2 * math.pi / n_angles)
-    centres = torch.as_tensor(centres)
     new = None
     for _ in range(max_iter):
         cost, rot, shift = aligned_costs(x, centres, grid, mask, max_shift)
@@ -220,23 +238,36 @@ def aligned_bsk(images: torch.Tensor, k: int, seed: int, max_shift: int, n_angle
     return new, angle.numpy().astype(np.float64), move.numpy(), centres, own
 
 
-def cluster_round(vae: DRVAE, x: torch.Tensor, config: DRVAEConfig, seed: int, device, max_shift_net: int
-                  ) -> Assignment:
-    """Cluster the current denoised images (or latent means), pick the reliable samples, build targets."""
+def lowpass_inputs(x: torch.Tensor, sigma_net_px: float) -> torch.Tensor:
+    """The network inputs ``(n, 1, b, b)`` Gaussian low-passed (``sigma_net_px``, working-box px)
+    and normalised again per image: what the first clustering sees with ``--first-clustering lowpass``."""
+    return normalize_images(gaussian_lowpass(x, sigma_net_px, ndim=2))
+
+
+def cluster_round(vae: DRVAE, x: torch.Tensor, config: DRVAEConfig, seed: int, device, max_shift_net: int,
+                  features: torch.Tensor | None = None, previous: Assignment | None = None) -> Assignment:
+    """Cluster the current denoised images (or latent means; or ``features`` ``(n, 1, b, b)`` when
+    given), pick the reliable samples, build targets. ``previous``: start from its classes."""
     k, n = config.classes, len(x)
     mu, denoised = encode_all(vae, x, config.vae_batch_size * 4, device)
     values = denoised if config.pseudo_targets == "denoised" else x  # (n, 1, b, b)
     if config.align:
-        labels, angles, shifts, _, own = aligned_bsk(denoised[:, 0], k, seed, max_shift_net,
-                                                        size_tolerance=config.size_tolerance)
+        seen = denoised if features is None else features
+        labels, angles, shifts, _, own = aligned_bsk(seen[:, 0], k, seed, max_shift_net,
+                                                        size_tolerance=config.size_tolerance, init=previous,
+                                                        n_init=config.align_restarts)
         reliable = reliable_mask(np.sqrt(own)[:, None], labels, np.zeros((k, 1)), config.reliable_fraction)
         averages = aligned_averages(values[:, 0], torch.as_tensor(labels), torch.as_tensor(angles, dtype=torch.float32),
                            torch.as_tensor(shifts), k, centre=False)
         targets = _in_own_frame(averages, labels, angles, shifts)
     else:
-        features = mu.numpy() if config.cluster_on == "latent" else denoised.reshape(n, -1).numpy()
-        labels, centres = bsk_means(features, k, seed, size_tolerance=config.size_tolerance)
-        reliable = reliable_mask(features, labels, centres, config.reliable_fraction)
+        if features is not None:
+            seen = features.reshape(n, -1).numpy()
+        else:
+            seen = mu.numpy() if config.cluster_on == "latent" else denoised.reshape(n, -1).numpy()
+        labels, centres = bsk_means(seen, k, seed, n_init=config.bsk_restarts, size_tolerance=config.size_tolerance,
+                                    init_labels=None if previous is None else previous.labels)
+        reliable = reliable_mask(seen, labels, centres, config.reliable_fraction)
         averages = torch.as_tensor(class_averages(values[:, 0].numpy(), labels, k))
         targets = averages[torch.as_tensor(labels)][:, None]
         angles, shifts = np.zeros(n), np.zeros((n, 2), dtype=np.int64)
@@ -338,7 +369,11 @@ def train_drvae(stack: ParticleStack, config: DRVAEConfig, run_dir: str | Path, 
         if path.is_file():
             assignment = _load_assignment(path)
         else:
-            assignment = cluster_round(vae, prep.x, config, config.seed + r, device, max_shift_net)
+            features = None
+            if r == 1 and config.first_clustering == "lowpass":
+                features = lowpass_inputs(prep.x, config.lowpass_sigma_px / scale)
+            start = assignment if config.warm_start and assignment is not None else None
+            assignment = cluster_round(vae, prep.x, config, config.seed + r, device, max_shift_net, features, start)
             if prev is not None:  # class j keeps its number from round to round
                 _relabel(assignment, prev, config.classes)
             _save_assignment(path, assignment)

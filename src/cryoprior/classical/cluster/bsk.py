@@ -179,21 +179,31 @@ def balanced_assignment(cost, labels=None, max_exchanges: int | None = None, siz
 
 
 def bsk_means(
-    x, k: int, seed: int = 0, n_init: int = 3, max_iter: int = 100, size_tolerance: float = 0.0
+    x, k: int, seed: int = 0, n_init: int = 3, max_iter: int = 100, size_tolerance: float = 0.0,
+    init_labels=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Balanced-Size k-means++ on ``x`` ``(n, p)`` or ``(n, d, d)``, best of ``n_init`` seedings.
 
     Returns ``(labels (n,) int64 in 0..k-1, centres (k, p) float32)``; every cluster holds
     ``floor(n/k)`` or ``ceil(n/k)`` samples (``size_tolerance`` τ: between ``floor((1-τ) n/k)``
-    and ``ceil((1+τ) n/k)``, :func:`size_bounds`).
+    and ``ceil((1+τ) n/k)``, :func:`size_bounds`). ``init_labels`` ``(n,)`` (every class present):
+    one run started from the means of ``x`` under these labels instead of the k-means++ seedings.
     """
     x = as_features(x)
     k = check_k(k, len(x))
     if n_init < 1:
         raise ValueError(f"n_init must be >= 1, got {n_init}")
+    if init_labels is not None:
+        init_labels = np.asarray(init_labels)
+        if init_labels.shape != (len(x),) or np.bincount(init_labels, minlength=k)[:k].min() == 0 or init_labels.max() >= k:
+            raise ValueError("init_labels must be (n,) labels in 0..k-1 with every class present")
+        n_init = 1
     best: tuple[float, np.ndarray, np.ndarray] | None = None
     for run in range(n_init):
-        centres = kmeans_pp(x, k, seed + run)
+        if init_labels is None:
+            centres = kmeans_pp(x, k, seed + run)
+        else:
+            centres = np.stack([x[init_labels == j].mean(axis=0) for j in range(k)])
         labels = None
         for _ in range(max_iter):
             cost = squared_distances(x, centres)  # (n, k)
