@@ -76,6 +76,21 @@ def test_resume_equals_an_uninterrupted_run(sim, tmp_path, gan):
     assert not torch.equal(next(iter(g_init.parameters())), next(iter(g_full.parameters())))
 
 
+def test_warmup_epochs_are_reconstruction_only_training(sim):
+    """During --warmup-epochs the generator trains on the l1 term alone (the same weights as the
+    l1-AE after as many epochs); adversarial epochs after it change them."""
+    y, x = _tensor_pairs(sim, 40)
+    small = dict(gan_batch_size=10, g_widths=[8, 16], d_widths=[8, 16], seed=5)
+    ae, _, _ = train_gan(y, x, GANConfig(gan="none", gan_epochs=1, **small))
+    warm, disc, curves = train_gan(y, x, GANConfig(gan="beta", warmup_epochs=1, gan_epochs=1, **small))
+    for (k, va), vb in zip(ae.state_dict().items(), warm.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
+    assert curves["discriminator"] == [0.0]  # the discriminator did not train
+    after, _, curves = train_gan(y, x, GANConfig(gan="beta", warmup_epochs=1, gan_epochs=2, **small))
+    assert curves["discriminator"][1] != 0.0
+    assert not torch.equal(next(iter(ae.parameters())), next(iter(after.parameters())))
+
+
 def test_train_apply_denoises_in_reference_units(sim, tmp_path, capsys):
     run, out = tmp_path / "run", tmp_path / "den"
     target = sim / "target" / "particles.star"
