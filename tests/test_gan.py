@@ -91,6 +91,23 @@ def test_warmup_epochs_are_reconstruction_only_training(sim):
     assert not torch.equal(next(iter(ae.parameters())), next(iter(after.parameters())))
 
 
+def test_spectral_norm_bounds_every_discriminator_layer():
+    from cryoprior.nn.gan import build_networks
+
+    def norms(disc):
+        return [float(torch.linalg.matrix_norm(m.weight.detach().flatten(1), 2)) for m in disc.modules()
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+    small = dict(g_widths=[8, 16], d_widths=[8, 16], seed=1)
+    _, plain = build_networks(GANConfig(**small))
+    _, disc = build_networks(GANConfig(**small, d_spectral_norm=True))
+    with torch.no_grad():
+        for _ in range(30):  # power iterations run in training-mode forward passes
+            disc.train()(torch.randn(4, 1, 32, 32))
+    assert max(abs(n - 1) for n in norms(disc)) < 0.05
+    assert max(abs(n - 1) for n in norms(plain)) > 0.2
+
+
 def test_train_apply_denoises_in_reference_units(sim, tmp_path, capsys):
     run, out = tmp_path / "run", tmp_path / "den"
     target = sim / "target" / "particles.star"
