@@ -76,6 +76,38 @@ def test_resume_equals_an_uninterrupted_run(sim, tmp_path, gan):
     assert not torch.equal(next(iter(g_init.parameters())), next(iter(g_full.parameters())))
 
 
+def test_warmup_epochs_are_reconstruction_only_training(sim):
+    """During --warmup-epochs the generator trains on the l1 term alone (the same weights as the
+    l1-AE after as many epochs); adversarial epochs after it change them."""
+    y, x = _tensor_pairs(sim, 40)
+    small = dict(gan_batch_size=10, g_widths=[8, 16], d_widths=[8, 16], seed=5)
+    ae, _, _ = train_gan(y, x, GANConfig(gan="none", gan_epochs=1, **small))
+    warm, disc, curves = train_gan(y, x, GANConfig(gan="beta", warmup_epochs=1, gan_epochs=1, **small))
+    for (k, va), vb in zip(ae.state_dict().items(), warm.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
+    assert curves["discriminator"] == [0.0]  # the discriminator did not train
+    after, _, curves = train_gan(y, x, GANConfig(gan="beta", warmup_epochs=1, gan_epochs=2, **small))
+    assert curves["discriminator"][1] != 0.0
+    assert not torch.equal(next(iter(ae.parameters())), next(iter(after.parameters())))
+
+
+def test_spectral_norm_bounds_every_discriminator_layer():
+    from cryoprior.nn.gan import build_networks
+
+    def norms(disc):
+        return [float(torch.linalg.matrix_norm(m.weight.detach().flatten(1), 2)) for m in disc.modules()
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+    small = dict(g_widths=[8, 16], d_widths=[8, 16], seed=1)
+    _, plain = build_networks(GANConfig(**small))
+    _, disc = build_networks(GANConfig(**small, d_spectral_norm=True))
+    with torch.no_grad():
+        for _ in range(30):  # power iterations run in training-mode forward passes
+            disc.train()(torch.randn(4, 1, 32, 32))
+    assert max(abs(n - 1) for n in norms(disc)) < 0.05
+    assert max(abs(n - 1) for n in norms(plain)) > 0.2
+
+
 def test_train_apply_denoises_in_reference_units(sim, tmp_path, capsys):
     run, out = tmp_path / "run", tmp_path / "den"
     target = sim / "target" / "particles.star"

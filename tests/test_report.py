@@ -26,7 +26,7 @@ from cryoprior.workflows.demo import DemoConfig, run_demo
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SMALL = dict(box=24, pixel_size_a=4.0, views_box=24, views_pixel_size_a=4.0, n_views=120, n_uniform=120, denoisers=["lowpass"],
-             priors=["gaussian"], seed=0, device="cpu")
+             priors=["gaussian"], heldout_denoisers=[], seed=0, device="cpu")
 
 
 @pytest.fixture(scope="module")

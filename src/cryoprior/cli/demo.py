@@ -3,7 +3,9 @@
 On adenylate kinase (PDB 1AKE), simulated at SNR 0.1: denoise with CDAE and the classical
 baselines (non-local means, low-pass), classify into the four true views (k-means on the raw
 images and on each denoiser's output, and the oracle), reconstruct at known poses with the
-Gaussian prior and with RED (the shipped 3D denoiser), and write OUT/report.html. About 5
+Gaussian prior and with RED (the shipped 3D denoiser), denoise held-out particles of the
+uniform CTF stack (the robust GAN and the l1-AE trained from the Gaussian-prior map and the
+training particles' poses, against CDAE and the classical filters), and write OUT/report.html. About 5
 minutes on a 2-core CPU, most of it CDAE training; a GPU is used when present (--device auto).
 
 The run folder is resumable: config.yaml, run.log, stages.json, metrics.json, data/, one folder

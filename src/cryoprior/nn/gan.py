@@ -56,6 +56,10 @@ class GANConfig:
     gp_weight: float = field(default=10.0, metadata={"help": "WGAN-GP gradient-penalty weight mu"})
     k_d: int = field(default=1, metadata={"help": "discriminator steps per minibatch"})
     k_g: int = field(default=2, metadata={"help": "generator steps per minibatch"})
+    warmup_epochs: int = field(default=0, metadata={"help": "first epochs of reconstruction-only generator "
+                               "training (no discriminator) before Algorithm 1 starts; counted in --gan-epochs"})
+    d_spectral_norm: bool = field(default=False, metadata={"help": "spectral normalisation of every "
+                                  "discriminator convolution and linear layer"})
     gan_epochs: int = field(default=30, metadata={"help": "GAN training epochs"})
     gan_batch_size: int = field(default=20, metadata={"help": "GAN minibatch size"})
     lr_g: float = field(default=2e-4, metadata={"help": "generator learning rate (Adam, beta1 0.5); the DCGAN "
@@ -93,8 +97,8 @@ class GANConfig:
             raise InputError(f"--recon-loss must be one of {', '.join(RECON_LOSSES)}, got {self.recon_loss!r}")
         if not self.recon_weight >= 0 or not self.gp_weight >= 0:
             raise InputError(f"--lambda and --gp-weight must be >= 0, got {self.recon_weight}, {self.gp_weight}")
-        if self.k_d < 1 or self.k_g < 1 or self.gan_batch_size < 2 or self.gan_epochs < 0:
-            raise InputError("need k_d >= 1, k_g >= 1, gan_batch_size >= 2 and gan_epochs >= 0")
+        if self.k_d < 1 or self.k_g < 1 or self.gan_batch_size < 2 or self.gan_epochs < 0 or self.warmup_epochs < 0:
+            raise InputError("need k_d >= 1, k_g >= 1, gan_batch_size >= 2, gan_epochs >= 0 and warmup_epochs >= 0")
         if not (self.lr_g > 0 and self.lr_d > 0):
             raise InputError(f"learning rates must be positive, got {self.lr_g}, {self.lr_d}")
         if self.d_norm == "batch":
@@ -151,6 +155,10 @@ def build_networks(config: GANConfig) -> tuple[ResNetAutoencoder, ResNetClassifi
         torch.manual_seed(config.seed)
         gen = ResNetAutoencoder(config.generator_config())
         disc = ResNetClassifier(config.discriminator_config()) if config.adversarial else None
+        if disc is not None and config.d_spectral_norm:
+            for module in list(disc.modules()):
+                if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                    torch.nn.utils.parametrizations.spectral_norm(module)
     return gen, disc
 
 
@@ -207,7 +215,8 @@ def train_gan(
         idx = orders[epoch][i * b : (i + 1) * b]
         y, x = noisy[idx].to(device), refs[idx].to(device)
         d_value = 0.0
-        if disc is not None:
+        adversarial = disc is not None and epoch >= config.warmup_epochs
+        if adversarial:
             for _ in range(config.k_d):
                 with torch.no_grad():
                     fake = gen(y)
@@ -223,7 +232,7 @@ def train_gan(
         for _ in range(config.k_g):
             out = gen(y)
             rec = recon_loss(out, x, config.recon_loss)
-            if disc is None:
+            if not adversarial:
                 loss_g = rec
             else:
                 loss_g = generator_adversarial_loss(disc(out), config.gan, config.alpha, config.beta)

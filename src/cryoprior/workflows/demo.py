@@ -9,7 +9,10 @@
    the oracle (the true labels), scored against the true views;
 4. reconstruct the uniform stack at its known poses with the Gaussian prior and with RED (the
    shipped 3D denoiser), each scored by FSC against the true map;
-5. write ``report.html``.
+5. denoise held-out particles of the uniform stack: the robust GAN and the ℓ1-AE trained from the
+   Gaussian-prior map and the training particles' poses, the CDAE and the classical baselines,
+   scored against their clean images (:mod:`cryoprior.workflows.demo_heldout`);
+6. write ``report.html``.
 
 Each stage owns a folder of the run (config.yaml, checkpoints, metrics.json, its outputs; its
 log in ``logs/<stage>.log``) and is recorded in ``stages.json`` when it finishes, so re-running
@@ -40,6 +43,8 @@ from cryoprior.nn.training import resolve_device
 from cryoprior.progress import bar
 from cryoprior.report.build import METHOD_LABELS, build_report
 from cryoprior.sim.dataset import SimulationConfig, measured_snr, simulate_dataset
+from cryoprior.workflows import demo_heldout
+from cryoprior.workflows.demo_heldout import HELDOUT_DENOISERS
 from cryoprior.workflows.runs import RunDir, run_folder
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,13 @@ class DemoConfig:
     # fewer than CDAE's own default (8): longer MSE training smooths the view differences away
     # (PSNR up, k-means F1 down; figures in docs/benchmarks.md, CDAE)
     cdae_finetune_epochs: int = field(default=3, metadata={"help": "CDAE fine-tuning epochs per block"})
+    heldout_denoisers: list[str] = field(
+        default_factory=lambda: ["gan", "l1-ae", "cdae", "nlm", "lowpass", "wiener"],
+        metadata={"help": f"denoisers of the held-out uniform particles, any of {', '.join(HELDOUT_DENOISERS)} "
+                  "(gan, l1-ae: trained from the Gaussian-prior map and the training particles' poses)"})
+    heldout_fraction: float = field(default=0.2, metadata={"help": "fraction of the uniform stack held out of "
+                                    "training and denoised (a seeded split)"})
+    gan_epochs: int = field(default=6, metadata={"help": "training epochs of the GAN and the l1-AE"})
     seed: int = field(default=0, metadata={"help": "random seed of every stage"})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"], "help": "torch device"})
 
@@ -87,8 +99,17 @@ class DemoConfig:
         if unknown:
             raise InputError(f"unknown denoiser or prior {', '.join(unknown)}; denoisers: {', '.join(DENOISERS)}; "
                              f"priors: {', '.join(PRIORS)}")
+        unknown = [m for m in self.heldout_denoisers if m not in HELDOUT_DENOISERS]
+        if unknown:
+            raise InputError(f"unknown held-out denoiser {', '.join(unknown)}; choose from {', '.join(HELDOUT_DENOISERS)}")
         if min(self.n_views, self.n_uniform) < 2 * K_VIEWS:
             raise InputError(f"every stack needs at least {2 * K_VIEWS} particles")
+        held = round(self.heldout_fraction * self.n_uniform)
+        if self.heldout_denoisers and not (2 <= held <= self.n_uniform - 2 * K_VIEWS):
+            raise InputError(f"--heldout-fraction {self.heldout_fraction:g} of {self.n_uniform} particles holds out "
+                             f"{held}; need at least 2 held out and {2 * K_VIEWS} to train on")
+        if self.gan_epochs < 1:
+            raise InputError(f"--gan-epochs must be at least 1, got {self.gan_epochs}")
 
 
 def missing(module: str, *names: str) -> str | None:
@@ -142,8 +163,9 @@ def dataset_config(cfg: DemoConfig, name: str) -> SimulationConfig:
     views = dict(structures=[cfg.structure], box=cfg.views_box, pixel_size_a=cfg.views_pixel_size_a, views=K_VIEWS)
     if name == "views":
         return SimulationConfig(**views, n=cfg.n_views, snr=cfg.views_snr, seed=cfg.seed)
+    # views=None: orientations uniform on SO(3) (SimulationConfig's default is 4 discrete views)
     return SimulationConfig(structures=[cfg.structure], box=cfg.box, pixel_size_a=cfg.pixel_size_a, n=cfg.n_uniform,
-                            snr=cfg.snr, seed=cfg.seed + 1, ctf=True, shift_a=2 * cfg.pixel_size_a)
+                            views=None, snr=cfg.snr, seed=cfg.seed + 1, ctf=True, shift_a=2 * cfg.pixel_size_a)
 
 
 def check_stage_configs(cfg: DemoConfig) -> None:
@@ -153,6 +175,8 @@ def check_stage_configs(cfg: DemoConfig) -> None:
         dataset_config(cfg, name).validate()
     if "cdae" in cfg.denoisers and not missing("cryoprior.nn.cdae", "CDAEConfig"):
         cdae_config(cfg).validate()
+    for method in set(cfg.heldout_denoisers) & set(demo_heldout.LEARNED_FROM_MAP):
+        demo_heldout.gan_config(method, cfg.gan_epochs, cfg.seed).validate()
 
 
 # ---- the stages -----------------------------------------------------------------------------
@@ -176,15 +200,18 @@ class _Demo:
                 for name in ("views", "uniform")}
 
     # denoising
-    def _write_denoised(self, folder: Path, denoised: np.ndarray, method: str) -> dict:
-        stack = ParticleStack.from_file(self.views_star)
+    def _write_denoised(self, folder: Path, denoised: np.ndarray, method: str, star: Path | None = None,
+                        kind: str = "denoise") -> dict:
+        """Write ``denoised`` (the rows of ``star``, default the four-view stack) to
+        ``folder/denoised.star`` and score it against the clean images."""
+        stack = ParticleStack.from_file(star or self.views_star)
         table = stack.table.drop(columns=[c for c in stack.table.columns if c.startswith("cpImageNameSnr")])
         table["cpNoisyImageName"] = table["rlnImageName"]
         stack.with_table(table).write(folder / "denoised.star", images=denoised)
         clean, noisy = stack.read_image_column("cpCleanImageName"), stack.images()
         stack_mean = np.broadcast_to(noisy.mean(axis=0), noisy.shape)  # the trivial "denoiser"
         metrics = {
-            "kind": "denoise", "method": method, "label": METHOD_LABELS.get(method, method), "n_images": len(stack),
+            "kind": kind, "method": method, "label": METHOD_LABELS.get(method, method), "n_images": len(stack),
             **image_scores(denoised, clean),
             **{f"input_{k}": v for k, v in image_scores(noisy, clean).items()},
             **{f"stack_mean_{k}": v for k, v in image_scores(stack_mean, clean).items()},
@@ -195,17 +222,20 @@ class _Demo:
         return metrics
 
     def denoise_baseline(self, method: str) -> dict:
+        return self._baseline(f"denoise_{method}", method, self.views_star, "denoise")
+
+    def _baseline(self, name: str, method: str, star: Path, kind: str) -> dict:
         from cryoprior.classical import denoise
 
-        folder = self.run.child(f"denoise_{method}", None, self.argv, method=method, seed=self.cfg.seed).path
-        images = ParticleStack.from_file(self.views_star).images()
+        folder = self.run.child(name, None, self.argv, method=method, seed=self.cfg.seed).path
+        images = ParticleStack.from_file(star).images()
         step = len(images) if method == "wiener" else 128  # Wiener: one filter for the whole stack
         out = np.empty_like(images)
         with bar(len(images), f"denoise: {method}") as pbar:
             for start in range(0, len(images), step):
                 out[start : start + step] = denoise(images[start : start + step], method)
                 pbar.update(min(step, len(images) - start))
-        return self._write_denoised(folder, out, method)
+        return self._write_denoised(folder, out, method, star, kind)
 
     def _cdae_config(self):
         return cdae_config(self.cfg)
@@ -224,6 +254,23 @@ class _Demo:
         images = ParticleStack.from_file(self.views_star).images()
         out = cdae.denoise_images(model, images, config.batch_size_inference, self.device, precision=config.precision)
         return self._write_denoised(folder, np.asarray(out, dtype=np.float32), "cdae")
+
+    # held-out particles of the uniform stack (demo_heldout)
+    def split_uniform(self) -> dict:
+        return demo_heldout.split_stack(self.uniform_star, self.cfg.heldout_fraction, self.cfg.seed)
+
+    def heldout(self, method: str) -> dict:
+        """Denoise the held-out uniform particles with ``method`` (learned ones trained first)."""
+        heldout_star = self.uniform_star.parent / "heldout.star"
+        name = f"heldout_{method}"
+        if method not in ("cdae", *demo_heldout.LEARNED_FROM_MAP):
+            return self._baseline(name, method, heldout_star, "denoise_heldout")
+        folder = self.run.path / name
+        demo_heldout.train_learned(method, folder, self.uniform_star.parent / "train.star",
+                                   self.run.path / "reconstruct_gaussian" / "map.mrc", self._cdae_config(),
+                                   self.cfg.gan_epochs, self.cfg.seed, str(self.device))
+        out = demo_heldout.apply_learned(folder, heldout_star, str(self.device))
+        return self._write_denoised(folder, out, method, heldout_star, "denoise_heldout")
 
     # classification
     def classify_raw(self) -> dict:
@@ -347,6 +394,16 @@ def plan(cfg: DemoConfig, device: torch.device) -> list[Stage]:
     for p in cfg.priors:
         why = recon_why or (_reason_red(cfg.red_model, device) if p in ("red", "cw-red") else None)
         stages.append((f"reconstruct_{p}", "reconstruct", (p,), why))
+    if cfg.heldout_denoisers:
+        stages.append(("split_uniform", "split_uniform", (), None))
+    no_map = recon_why or (None if "gaussian" in cfg.priors else
+                           "needs the reconstruct_gaussian stage's map (add gaussian to --priors)")
+    gan_why = missing("cryoprior.workflows.denoise_gan", "train_run") or no_map
+    for m in cfg.heldout_denoisers:
+        learned = {"cdae": cdae_why, "gan": gan_why, "l1-ae": gan_why}
+        why = learned[m] if m in learned else (
+            base_why or (None if m in here else f"baseline {m!r} is not available here ({', '.join(here)} are)"))
+        stages.append((f"heldout_{m}", "heldout", (m,), why))
     return stages
 
 
@@ -389,12 +446,15 @@ def collect_metrics(cfg: DemoConfig, results: dict) -> dict:
     metrics: dict = {"snr_requested_views": cfg.views_snr, "snr_requested_uniform": cfg.snr}
     for name, value in results.get("measure_snr", {}).items():
         metrics[f"snr_measured_{name}"] = value
-    den = {n.removeprefix("denoise_"): r for n, r in results.items() if n.startswith("denoise_")}
-    if den:
-        first = next(iter(den.values()))
-        keys = ("psnr_db", "ssim", "spread_ratio")
-        metrics["denoise"] = {"noisy input": {k: first[f"input_{k}"] for k in keys}}
-        metrics["denoise"].update({m: {k: r[k] for k in keys} for m, r in den.items()})
+    for prefix, key in (("denoise_", "denoise"), ("heldout_", "denoise_heldout")):
+        den = {n.removeprefix(prefix): r for n, r in results.items() if n.startswith(prefix)}
+        if den:
+            first = next(iter(den.values()))
+            keys = ("psnr_db", "ssim", "spread_ratio")
+            metrics[key] = {"noisy input": {k: first[f"input_{k}"] for k in keys}}
+            metrics[key].update({m: {k: r[k] for k in keys} for m, r in den.items()})
+    if "split_uniform" in results:
+        metrics["heldout_split"] = results["split_uniform"]
     cls = {n.removeprefix("classify_"): r for n, r in results.items() if n.startswith("classify_")}
     if cls:
         metrics["classify"] = {m: {k: round(r[k], 4) for k in ("accuracy", "f1", "nmi", "ari")} for m, r in cls.items()}
@@ -418,6 +478,12 @@ def summary(metrics: dict) -> str:
         if "resolution_truth_0143_a" in s:
             lines.append(f"reconstruct {p:<8} {s['resolution_truth_0143_a']:.2f} Å at FSC 0.143 with the truth "
                          f"({s.get('resolution_truth_05_a', float('nan')):.2f} Å at 0.5)")
+    if "denoise_heldout" in metrics:
+        split = metrics.get("heldout_split", {})
+        lines.append(f"held-out uniform particles ({split.get('n_heldout', '?')}; GAN and l1-AE trained on "
+                     f"{split.get('n_train', '?')} with the Gaussian-prior map's projections):")
+    for m, s in metrics.get("denoise_heldout", {}).items():
+        lines.append(f"  held-out {m:<11} PSNR {s['psnr_db']:6.2f} dB  SSIM {s['ssim']:.3f}")
     for stage, why in metrics.get("not_available", {}).items():
         lines.append(f"{stage}: not available in this version ({why})")
     return "\n".join(lines)
