@@ -17,9 +17,8 @@ simulate 4 views × n noisy images and
 - Table 2: macro F1 / precision / recall of clustering into the 4 views: raw images, every
   denoiser's output (k-means; CDAE also with Ward HC and after equalisation; with in-plane
   rotations also k-means up to rotation, ``align-kmeans``, on every image set), and the oracle
-  ceiling (each image given the view of the most correlated clean image of its volume). As a
-  diagnostic, k-means on the fine-tuning targets themselves (``knn-targets-*``: block 1's k-NN
-  means), which the fine-tuned networks are trained towards.
+  ceiling (each image given the view of the most correlated clean image of its volume); as a
+  diagnostic, k-means on block 1's k-NN fine-tuning targets themselves (``knn-targets-*``).
 
 Speed: CDAE inference images/s at the test size, against DnCNN and the un-optimised model
 (float32, NCHW, no inference mode, batches of 32) in the same run.

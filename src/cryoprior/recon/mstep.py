@@ -62,12 +62,10 @@ class ReconstructionConfig:
     pad: int = field(default=2, metadata={"help": "Fourier padding factor"})
     tau2_fudge: float = field(default=1.0, metadata={"help": "RELION's τ² fudge factor T"})
     red_lambda: float = field(default=1.0, metadata={"help": "λ of --prior red"})
-    cw_low_a: float | None = field(
-        default=None, metadata={"help": "CW-RED: λ = 0 at this resolution (Å) or worse [the model's calibrated "
-                                "value (model.json cw_red), else 10]"})
-    cw_high_a: float | None = field(
-        default=None, metadata={"help": "CW-RED: λ = 1 at this resolution (Å) or better [the model's calibrated "
-                                "value, else 4.5]"})
+    cw_low_a: float | None = field(default=None, metadata={
+        "help": "CW-RED: λ = 0 at this resolution (Å) or worse [the model's calibrated value (model.json cw_red), else 10]"})
+    cw_high_a: float | None = field(default=None, metadata={
+        "help": "CW-RED: λ = 1 at this resolution (Å) or better [the model's calibrated value, else 4.5]"})
     fsc_threshold: float = field(default=0.143, metadata={"help": "FSC threshold for the resolution"})
     full_set_fsc: str = field(
         default="ssnr", metadata={"choices": list(FULL_SET_RULES), "help": "full-set map's FSC from the half-set f: "
@@ -298,9 +296,7 @@ def red_prior_fourier(
     return volume_to_fourier(apply_denoiser_at_pixel_size(denoiser, vol, pixel_size_a), pad)
 
 
-PAPER_CW_THRESHOLDS_A = (10.0, 4.5)
-"""CW-RED's (low, high) thresholds of Kimanius et al. for their network: the fallback for a model
-without calibrated ones."""
+PAPER_CW_THRESHOLDS_A = (10.0, 4.5)  # Kimanius et al.'s (low, high) for their network: the fallback
 
 
 def cw_thresholds(config: ReconstructionConfig, denoiser: Denoiser | None = None) -> tuple[float, float]:
