@@ -69,7 +69,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=None, help="number of particles")
     parser.add_argument("--box", type=int, default=None, help="image size")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--out", default=None, help="write the JSON here (default: stdout only)")
+    parser.add_argument("--out", default=None, help="write the JSON here (default: stdout only); benchmarks "
+                        "with tables or figures write them to a folder next to it (default: ./bench_NAME[_quick])")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -82,6 +83,8 @@ def main(args: argparse.Namespace) -> int:
         kwargs["n"] = args.n
     if args.box is not None:
         kwargs["box"] = args.box
+    if args.out and "out_dir" in kwargs:  # tables and figures next to the JSON, not in the working folder
+        kwargs["out_dir"] = str(Path(args.out).parent / kwargs["out_dir"])
     module = importlib.import_module(f"cryoprior.bench.{module_name}")
     result = {"bench": args.which, **module.run(**kwargs)}
     text = json.dumps(result, indent=2)
