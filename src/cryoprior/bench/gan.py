@@ -1,12 +1,9 @@
 """``cryoprior bench gan``: the robust-GAN paper's experiments on a five-conformation set.
 
-Data: adenylate kinase morphed from closed (1AKE) to open (4AKE) in five steps
-(``sim.morph``); neither structure was used to choose any default of the GAN (nor of the 3D
-prior, ``nn.prior3d.HELD_OUT_STRUCTURES``). Training pairs (noisy, clean) and test images are
-separate simulations (different seeds, poses and noise): orientations uniform on SO(3), all five
-conformations, white noise at the given SNR. The learned methods are trained on simulated
-pairs of the same molecule, the paper's protocol; the classical baselines see only the test
-images.
+Data: adenylate kinase morphed from closed (1AKE) to open (4AKE) in five steps (``sim.morph``;
+neither structure chose any default). Training pairs (noisy, clean) and test images are separate
+simulations at uniform orientations; the learned methods train on pairs of the same molecule (the
+paper's protocol), the classical baselines see only the test images.
 
 - Table 1: MSE / PSNR / SSIM against the clean test images, at SNR 0.1 and 0.05: NLM, low-pass,
   Wiener, (BM3D when installed), ℓ2-AE, ℓ1-AE, (0,0)-GAN+ℓ1, WGAN-GP+ℓ1, (1,1)-GAN+ℓ1,

@@ -16,22 +16,11 @@ Notation of the paper, on the padded, centred 3D Fourier grid of :mod:`cryoprior
   correction;
 - eq. (17)  RED: ``x = (B + λ τ⁻² f(x̃)) / (K + τ⁻²)`` with ``x̃ = B / K`` and ``f`` a denoiser
   applied in real space. We evaluate it as ``(τ² B + λ f̂) / (τ² K + 1)``, defined for τ² = 0.
-- CW-RED:   ``λ`` from the half-map resolution: 0 at ``cw_low_a`` or worse, 1 at ``cw_high_a``
-  or better, linear in between (the paper's rule; the public reference script's threshold test
-  always yields λ = 1). The thresholds belong to the denoiser: unset, they are the model's
-  calibrated ones (``model.json`` ``cw_red``, see ``workflows.calibrate_cw_red``), else the
-  paper's 10 Å / 4.5 Å (:func:`cw_thresholds`).
+- CW-RED:   ``λ`` from the half-map resolution, 0 at ``cw_low_a`` or worse, 1 at ``cw_high_a`` or
+  better, linear between (the paper's rule), with the model's calibrated thresholds unless set
+  (:func:`cw_thresholds`, ``workflows.calibrate_cw_red``).
 
-Padded voxel ``k`` belongs to shell ``round(|k| / pad)`` of the original box (as RELION); only
-voxels with ``|k|² < round(r_max · pad)²`` take part (``r_max`` = current size / 2), the rest
-of the result is zero. Real-space maps come out of :func:`~cryoprior.core.projection.
-fourier_to_volume` (cropped, gridding-corrected); :func:`volume_to_fourier` is its inverse.
-
-Kept different from RELION on purpose: the division ``B / (K + τ⁻²)`` is direct (RELION runs
-10 Pipe–Menon iterations for density-compensation weights; at T = 1 the maps differ by ~1 %
-inside the sphere), and the gridding correction is the separable ``Π sinc²(x_i / N)``, the
-exact transform of the trilinear kernel (RELION divides by the radial ``sinc²(r / N)``, an
-approximation of it).
+Shells and the current size: :func:`padded_shells`; unlike RELION on purpose: :func:`map_update`.
 """
 
 from __future__ import annotations
@@ -119,7 +108,12 @@ class ReconstructionConfig:
 # ---------------------------------------------------------------------------- shells and τ²
 def padded_shells(n: int, pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ires, r²)`` on the centred ``(n, n, n)`` grid: ``round(|k| / pad)`` and ``|k|²``.
-    Cached for the last grid (one M-step asks ~20 times); treat the tensors as read-only."""
+    Cached for the last grid (one M-step asks ~20 times); treat the tensors as read-only.
+
+    Padded voxel ``k`` belongs to shell ``round(|k| / pad)`` of the original box (as RELION); only
+    voxels with ``|k|² < round(r_max · pad)²`` take part (``r_max`` = current size / 2), the rest
+    of the result is zero. Real-space maps come out of :func:`~cryoprior.core.projection.
+    fourier_to_volume` (cropped, gridding-corrected); :func:`volume_to_fourier` is its inverse."""
     return _padded_shells(n, pad, str(torch.device(device or "cpu")))
 
 
@@ -223,7 +217,12 @@ def map_update(
     data: torch.Tensor, weight: torch.Tensor, tau2: torch.Tensor, prior_ft: torch.Tensor | None = None,
     lam: float = 0.0,
 ) -> torch.Tensor:
-    """``(τ² B + λ f̂) / (τ² K + 1)``, i.e. eq. (11) (no ``prior_ft``) or eq. (17). Same grid shape."""
+    """``(τ² B + λ f̂) / (τ² K + 1)``, i.e. eq. (11) (no ``prior_ft``) or eq. (17). Same grid shape.
+
+    Unlike RELION: the division is direct (RELION runs 10 Pipe–Menon iterations for density-
+    compensation weights; docs/benchmarks.md measures the difference), and the gridding correction
+    (``fourier_to_volume``) is the separable ``Π sinc²(x_i / N)``, the exact transform of the
+    trilinear kernel (RELION divides by the radial ``sinc²(r / N)``, an approximation of it)."""
     t = tau2.to(weight.dtype)
     num = t * data
     if prior_ft is not None and lam != 0.0:
@@ -314,7 +313,8 @@ def cw_thresholds(config: ReconstructionConfig, denoiser: Denoiser | None = None
 
 
 def cw_red_lambda(resolution_a: float, low_a: float = 10.0, high_a: float = 4.5) -> float:
-    """CW-RED confidence: 0 at ``low_a`` Å or worse, 1 at ``high_a`` or better, linear between."""
+    """CW-RED confidence: 0 at ``low_a`` Å or worse, 1 at ``high_a`` or better, linear between
+    (the paper's rule; the public reference script's threshold test always yields λ = 1)."""
     if not 0 < high_a < low_a:
         raise ValueError(f"need 0 < high_a < low_a, got {high_a}, {low_a}")
     return float(min(1.0, max(0.0, (low_a - resolution_a) / (low_a - high_a))))

@@ -10,25 +10,7 @@ belong to the network, so each model gets its own, stored in its ``model.json``:
 which ``nn.prior3d.load_denoiser`` reads and ``recon.mstep.cw_thresholds`` uses whenever the user
 sets no ``--cw-low-a`` / ``--cw-high-a``.
 
-Calibration set: procedural pseudo-proteins (``pseudo:<seed>`` of ``nn.prior3d_data``, seeds from
-:data:`CALIBRATION_SEED_OFFSET`, never used for training nor by any benchmark; the builtin
-held-out structures are what ``bench red`` / ``bench relion`` test on, so they are not used here).
-Each map is simulated as the prior's training and validation maps are (``prior3d_data``: uniform
-views, CTF, white noise at one σ per stack, poses perturbed by the model's training pose error),
-with particle counts and SNRs spread over a wider range so that the half-map resolutions span
-~25 Å to Nyquist; the particles are split into two halves and back-projected (``recon.accumulate``).
-Each case is also band-limited as RELION's M-step input is, at a current image size of
-``2 · (resolution shell + n)`` (RELION 3.1 ``MlOptimiser::updateImageSizeAndResolutionPointers``:
-n = 10 shells near convergence, a quarter of the half box early on): B and K zero beyond, so
-the FSC the λ rule reads is zero there too.
-
-For every map the gold-standard RED M-step (``recon.mstep.reconstruct_halves``) is evaluated on a
-λ grid. Eq. (17) is linear in λ (f̂ depends on x̃ = B / K only), so the maps at λ = 0 and λ = 1
-give every other λ exactly. λ* maximises the mean FSC to the truth over shells 1..r_max of the
-two half maps (the references refinement iterates): unlike an FSC-threshold resolution it is
-continuous in λ and sees every shell the prior term changes. The ramp ``(low_a, high_a)`` is
-then the one with the highest mean of that figure over all maps at λ_ramp(input resolution),
-the input resolution being what the rule reads (FSC 0.143 of the unregularised half maps).
+The calibration set and the choice of λ*: :func:`calibrate`.
 """
 
 from __future__ import annotations
@@ -253,7 +235,27 @@ def _cases(specs: list[str] | None, config: CWRedCalibrationConfig, base: Prior3
 def calibrate(denoiser: Denoiser, config: CWRedCalibrationConfig, base: Prior3DConfig | None = None,
               specs: list[str] | None = None) -> dict:
     """λ curves of every calibration map (and its band-limited copies) and the fitted ramp.
-    ``specs`` overrides the pseudo-proteins (tests)."""
+    ``specs`` overrides the pseudo-proteins (tests).
+
+    Calibration set: procedural pseudo-proteins (``pseudo:<seed>`` of ``nn.prior3d_data``, seeds from
+    :data:`CALIBRATION_SEED_OFFSET`, never used for training nor by any benchmark; the builtin
+    held-out structures are what ``bench red`` / ``bench relion`` test on, so they are not used here).
+    Each map is simulated as the prior's training and validation maps are (``prior3d_data``: uniform
+    views, CTF, white noise at one σ per stack, poses perturbed by the model's training pose error),
+    with particle counts and SNRs spread over a wider range so that the half-map resolutions span
+    ~25 Å to Nyquist; the particles are split into two halves and back-projected (``recon.accumulate``).
+    Each case is also band-limited as RELION's M-step input is, at a current image size of
+    ``2 · (resolution shell + n)`` (RELION 3.1 ``MlOptimiser::updateImageSizeAndResolutionPointers``:
+    n = 10 shells near convergence, a quarter of the half box early on): B and K zero beyond, so
+    the FSC the λ rule reads is zero there too.
+
+    For every map the gold-standard RED M-step (``recon.mstep.reconstruct_halves``) is evaluated on a
+    λ grid. Eq. (17) is linear in λ (f̂ depends on x̃ = B / K only), so the maps at λ = 0 and λ = 1
+    give every other λ exactly. λ* maximises the mean FSC to the truth over shells 1..r_max of the
+    two half maps (the references refinement iterates): unlike an FSC-threshold resolution it is
+    continuous in λ and sees every shell the prior term changes. The ramp ``(low_a, high_a)`` is
+    then the one with the highest mean of that figure over all maps at λ_ramp(input resolution),
+    the input resolution being what the rule reads (FSC 0.143 of the unregularised half maps)."""
     config.validate()
     base = base or Prior3DConfig()
     base = dataclasses.replace(base, n_particles=list(config.n_particles), snr=list(config.snr))
