@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from cryoprior.cli.main import main
-from cryoprior.core.fsc import fsc, resolution_at
+from cryoprior.core.fsc import fsc, radial_average, resolution_at
 from cryoprior.errors import InputError, TrainingDivergedError
 from cryoprior.nn.models.unet3d import UNet3D, UNet3DConfig
 from cryoprior.nn.prior3d import (
@@ -22,6 +23,7 @@ from cryoprior.nn.prior3d import (
 )
 from cryoprior.nn.prior3d_data import (
     NoiseSettings,
+    band_limit_shell,
     cube_rotation_matrices,
     cube_rotations,
     make_pair,
@@ -85,7 +87,7 @@ FAST = NoiseSettings(n_particles=(300, 300), snr=(0.02, 0.02), pose_error_deg=1.
 
 
 def test_reconstruction_pair_input_is_worse_than_target():
-    pair = make_pair("1ake", 32, "reconstruction", 0, FAST, seed=0)
+    pair = make_pair("1ake", 32, "reconstruction", 0, dataclasses.replace(FAST, target="fsc-truth"), seed=0)
     truth, inp, target = pair["truth"], pair["input"], pair["target"]
     assert inp.shape == target.shape == truth.shape == (32, 32, 32)
     assert torch.isclose(sphere_std(inp), torch.tensor(1.0), atol=1e-4)
@@ -94,6 +96,44 @@ def test_reconstruction_pair_input_is_worse_than_target():
     # shells 1 .. d/2 - 1: at the Nyquist shell both are noise about 0 (-0.017 vs -0.020 here)
     assert (f_in[1:-1] <= f_target[1:-1] + 1e-4).all()
     assert pair["meta"]["n_particles"] == 300 and pair["meta"]["structure"] == "1ake"
+
+
+def _shell_amplitude(vol: torch.Tensor) -> torch.Tensor:
+    return radial_average(torch.fft.fftshift(torch.fft.fftn(vol.double())).abs() ** 2, ndim=3).sqrt()
+
+
+def test_half_map_target_is_the_truth_times_the_half_map_fsc():
+    """The paper's target: per shell, the truth's amplitude × clamp(FSC(half 1, half 2), 0, 1); far less
+    amplitude near the resolution limit than sqrt(2f / (1 + f)) of the same data's FSC to the truth."""
+    pair = make_pair("1ake", 32, "reconstruction", 0, FAST, seed=0)
+    half = torch.tensor(pair["meta"]["fsc_half"], dtype=torch.float64)
+    ratio = _shell_amplitude(pair["target"]) / _shell_amplitude(pair["truth"])  # (17,)
+    assert torch.allclose(ratio[:16], half.clamp(0, 1)[:16], atol=2e-3)
+    old = make_pair("1ake", 32, "reconstruction", 0, dataclasses.replace(FAST, target="fsc-truth"), seed=0)
+    old_ratio = _shell_amplitude(old["target"]) / _shell_amplitude(old["truth"])
+    mid = slice(3, 10)  # where the data hold signal but not all of it
+    assert (ratio[mid] < old_ratio[mid] - 0.1).all()
+    # the input is one half map (150 particles): it agrees with the truth less than the full map
+    assert fsc(pair["input"], pair["truth"], ndim=3)[1:10].mean() < fsc(old["input"], old["truth"], ndim=3)[1:10].mean()
+
+
+def test_band_limit_shell_follows_relion_current_size():
+    curve = torch.tensor([1.0, 0.95, 0.6, 0.3, 0.1, 0.2, 0.05, 0.0, 0.0])
+    assert band_limit_shell(curve, 4) == 7  # first below 0.143 at shell 4: resolution shell 3, + 4
+    assert band_limit_shell(curve, 10) == 8  # at most d // 2
+    assert band_limit_shell(torch.ones(9), 4) == 8
+
+
+def test_band_limited_pair_has_nothing_beyond_the_current_size():
+    settings = dataclasses.replace(FAST, band_limit=1.0, band_limit_extra_shells=(4, 4))
+    pair = make_pair("1ake", 32, "reconstruction", 0, settings, seed=0)
+    r_max = pair["meta"]["band_limit_shell"]
+    assert r_max == band_limit_shell(torch.tensor(pair["meta"]["fsc_half"]), 4) < 16
+    for key in ("input", "target"):
+        amp = _shell_amplitude(pair[key])
+        assert amp[r_max + 1 :].max() < 1e-6 * amp[1 : r_max + 1].max(), key  # float32 round-off
+    free = make_pair("1ake", 32, "reconstruction", 0, FAST, seed=0)  # same draw, not cut
+    assert "band_limit_shell" not in free["meta"] and _shell_amplitude(free["input"])[r_max + 2 :].min() > 0.01
 
 
 def test_gaussian_pair_is_deterministic_and_noisier_than_its_target():
@@ -173,7 +213,7 @@ def test_train_prior3d_command_writes_a_loadable_run_and_resumes(tmp_path, capsy
 
     def argv(epochs: int) -> list[str]:
         return ["-q", "train-prior3d", "--out", str(out), "--structures", "3fhk",
-                "--validation-structures", "3mht", "--box", "16", "--pairs-per-structure", "2",
+                "--validation-structures", "3mht", "--box", "16", "--pseudo-proteins", "0", "--pairs-per-structure", "2",
                 "--validation-pairs", "1", "--noise-model", "gaussian", "--levels", "2",
                 "--base-channels", "2", "--epochs", str(epochs), "--batch-size", "2",
                 "--device", "cpu"]

@@ -142,6 +142,23 @@ def resolution_at(
     return box * pixel_size_a / shell
 
 
+def shell_filter(volume: torch.Tensor, weights: torch.Tensor, ndim: int | None = None) -> torch.Tensor:
+    """Multiply each Fourier shell of ``volume`` ``(..., d, d, d)`` (or images, ``ndim=2``) by
+    ``weights`` ``(..., d // 2 + 1)`` (broadcasting with the leading dims); Fourier pixels beyond
+    shell ``d // 2`` (the corners) are zeroed. Real out, same shape."""
+    ndim = spatial_ndim(volume, ndim)
+    box = volume.shape[-1]
+    if weights.shape[-1] != box // 2 + 1:
+        raise ValueError(
+            f"shell weights must end in box // 2 + 1 = {box // 2 + 1} shells: "
+            f"volume.shape = {tuple(volume.shape)} vs weights.shape = {tuple(weights.shape)}"
+        )
+    w = weights.to(volume.device, volume.real.dtype)
+    w = torch.cat([w, torch.zeros_like(w[..., :1])], dim=-1)  # extra shell: the corners
+    idx = radial_shell_index(box, ndim, volume.device).clamp(max=box // 2 + 1)
+    return ifftnc(fftnc(volume, ndim) * w[..., idx], ndim).real
+
+
 def fsc_weighted_lowpass(
     volume: torch.Tensor, fsc_curve: torch.Tensor, ndim: int | None = None
 ) -> torch.Tensor:
@@ -151,17 +168,6 @@ def fsc_weighted_lowpass(
     images with ``ndim=2``); ``fsc_curve`` ``(..., d // 2 + 1)`` broadcasting with the leading
     dims. Fourier pixels beyond shell ``d // 2`` (the corners) are zeroed. Real out, same shape.
     """
-    ndim = spatial_ndim(volume, ndim)
-    box = volume.shape[-1]
-    if fsc_curve.shape[-1] != box // 2 + 1:
-        raise ValueError(
-            f"fsc_curve must end in box // 2 + 1 = {box // 2 + 1} shells: "
-            f"volume.shape = {tuple(volume.shape)} vs fsc_curve.shape = {tuple(fsc_curve.shape)}"
-        )
-    f = fsc_curve.to(volume.device, volume.real.dtype).clamp(min=0.0)
-    w = torch.sqrt(2.0 * f / (1.0 + f))
-    w = torch.cat([w, torch.zeros_like(w[..., :1])], dim=-1)  # extra shell: the corners
-    idx = radial_shell_index(box, ndim, volume.device).clamp(max=box // 2 + 1)
-    w_grid = w[..., idx]  # (..., d, d[, d])
-    return ifftnc(fftnc(volume, ndim) * w_grid, ndim).real
+    f = fsc_curve.to(volume.real.dtype).clamp(min=0.0)
+    return shell_filter(volume, torch.sqrt(2.0 * f / (1.0 + f)), ndim)
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from cryoprior.errors import InputError
 from cryoprior.fileutil import atomic_path
 from cryoprior.nn.models.unet3d import UNet3D, UNet3DConfig
-from cryoprior.nn.prior3d_data import NOISE_MODELS, rotate_cube, sphere_std
+from cryoprior.nn.prior3d_data import NOISE_MODELS, TARGETS, rotate_cube, sphere_std
 from cryoprior.nn.training import epoch_seed, resolve_device, train_loop
 from cryoprior.sim.structures import list_builtin_structures
 
@@ -62,8 +62,8 @@ class Prior3DConfig:
         default_factory=lambda: list(HELD_OUT_STRUCTURES),
         metadata={"help": "held-out structures for the validation metric"},
     )
-    pseudo_proteins: int = field(default=0, metadata={"help": "add N procedural pseudo-proteins"})
-    box: list[int] = field(default_factory=lambda: [32], metadata={"help": "box size(s) of the maps"})
+    pseudo_proteins: int = field(default=16, metadata={"help": "add N procedural pseudo-proteins"})
+    box: list[int] = field(default_factory=lambda: [32, 64], metadata={"help": "box size(s) of the maps"})
     crop: int | None = field(default=None, metadata={"help": "training crop size, None: the smallest box"})
     pairs_per_structure: int = field(default=4, metadata={"help": "noisy maps per structure and box"})
     validation_pairs: int = field(default=2, metadata={"help": "noisy maps per validation structure"})
@@ -78,6 +78,16 @@ class Prior3DConfig:
         default_factory=lambda: [0.005, 0.2], metadata={"nargs": 2, "help": "image SNR range"}
     )
     pose_error_deg: float = field(default=3.0, metadata={"help": "largest RMS pose error (deg)"})
+    target: str = field(
+        default="half-map",
+        metadata={"choices": TARGETS, "help": "half-map: truth × FSC of two half maps (the paper's); "
+                  "fsc-truth: truth × sqrt(2f/(1+f)), f the input's FSC to the truth"},
+    )
+    band_limit: float = field(
+        default=0.5,
+        metadata={"help": "fraction of pairs cut at RELION's current size (half-map FSC-0.143 shell "
+                  "+ 4..10 shells), as RELION's M-step inputs are before the last iteration"},
+    )
     ctf: bool = field(default=True, metadata={"help": "apply a CTF (defocus 1-3 µm)"})
     wiener_constant: float = field(default=1e-3, metadata={"help": "reconstruction Wiener constant"})
     gaussian_level: list[float] = field(
@@ -131,6 +141,10 @@ class Prior3DConfig:
             raise InputError(f"pose_error_deg must be >= 0, got {self.pose_error_deg}")
         if not (math.isfinite(self.wiener_constant) and self.wiener_constant > 0):
             raise InputError(f"wiener_constant must be positive, got {self.wiener_constant}")
+        if self.target not in TARGETS:
+            raise InputError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if not 0.0 <= self.band_limit <= 1.0:
+            raise InputError(f"band_limit is a fraction in [0, 1], got {self.band_limit}")
         if self.noise_model not in NOISE_MODELS:
             raise InputError(f"noise_model must be one of {NOISE_MODELS}, got {self.noise_model!r}")
         if self.loss not in ("l1", "l2"):

@@ -10,9 +10,12 @@ A pair is ``(input, target)`` on one structure's grid ``(d, d, d)``:
 - ``gaussian`` noise model: ``input = truth + σ N(0, 1)`` with ``σ = level · std(truth)``
   (std inside the inscribed sphere).
 
-In both, ``target = fsc_weighted_lowpass(truth, fsc(input, truth))``: the truth at the input's
-resolution, so the network learns to remove noise, not to invent detail. Both maps are divided
-by :func:`sphere_std` of the input (the scale the denoiser uses at inference).
+Target ``half-map`` (the paper's): the particles are split into two halves, ``input`` is half 1's
+map and ``target = truth × FSC(half 1, half 2)`` per shell (the Gaussian model draws two noise
+maps); ``fsc-truth``: ``target = fsc_weighted_lowpass(truth, fsc(input, truth))``, more amplitude
+near the resolution limit. Either way the truth at the input's resolution, so the network learns
+to remove noise, not to invent detail. ``band_limit`` (a probability) cuts a pair at RELION's
+current size (:func:`band_limit_shell`). Maps are divided by the input's :func:`sphere_std`.
 
 Augmentation by the 24 proper rotations of the cube about voxel ``d // 2``
 (:func:`cube_rotations`): exact, by axis permutations and flips (with a one-voxel roll for even
@@ -30,7 +33,7 @@ import torch
 
 from cryoprior.core.ctf import apply_ctf, ctf_2d
 from cryoprior.core.filters import soft_sphere_mask
-from cryoprior.core.fsc import fsc, fsc_weighted_lowpass
+from cryoprior.core.fsc import fsc, fsc_weighted_lowpass, shell_filter
 from cryoprior.core.noise import add_noise
 from cryoprior.core.projection import project, reconstruct
 from cryoprior.core.rotations import quaternion_to_matrix, random_rotations
@@ -38,6 +41,7 @@ from cryoprior.errors import InputError
 from cryoprior.sim.structures import load_volume, recommended_pixel_size_a
 
 NOISE_MODELS = ("reconstruction", "gaussian")
+TARGETS = ("half-map", "fsc-truth")
 PSEUDO_PREFIX = "pseudo:"
 PSEUDO_BOX_EDGE_A = 96.0  # pseudo-proteins: box edge in Å at every box size (3 Å pixels at 32)
 PSEUDO_ATOMS = (1500, 3500)  # heavy-atom count range, drawn from the seed
@@ -142,6 +146,9 @@ class NoiseSettings:
     defocus_um: tuple[float, float] = (1.0, 3.0)
     wiener_constant: float = 1e-3
     gaussian_level: tuple[float, float] = (0.3, 5.0)
+    target: str = "half-map"
+    band_limit: float = 0.0  # probability that a pair is cut at RELION's current size
+    band_limit_extra_shells: tuple[int, int] = (4, 10)
 
 
 def _log_uniform(lo: float, hi: float, g: torch.Generator) -> float:
@@ -206,6 +213,36 @@ def reconstruction_input(
     return reconstruct(noisy, est, ctf=ctf, wiener_constant=settings.wiener_constant)
 
 
+def reconstruction_halves(
+    truth: torch.Tensor,
+    pixel_size_a: float,
+    n_particles: int,
+    snr: float,
+    pose_error_deg: float,
+    settings: NoiseSettings,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two unregularised half-set reconstructions (particles split by parity, as
+    ``rlnRandomSubset`` splits them) of ``truth`` ``(d, d, d)``. → ``(half1, half2)``."""
+    noisy, rots, ctf = simulate_particles(truth, pixel_size_a, max(n_particles, 2), snr, settings, generator)
+    est = perturb_rotations(rots, pose_error_deg, generator)
+    return tuple(  # type: ignore[return-value]
+        reconstruct(noisy[h::2], est[h::2], ctf=None if ctf is None else ctf[h::2],
+                    wiener_constant=settings.wiener_constant)
+        for h in (0, 1)
+    )
+
+
+def band_limit_shell(fsc_half: torch.Tensor, extra_shells: int) -> int:
+    """RELION 3.1's current size after an iteration, as a shell radius: the last shell before the
+    half-map FSC first drops below 0.143, plus ``extra_shells`` (``MlOptimiser::
+    updateImageSizeAndResolutionPointers``: ``current_size = 2·(resolution shell + incr)``, incr 4
+    by default, 10 when the resolution stalls), at most ``d // 2``."""
+    below = (fsc_half[1:] < 0.143).nonzero()
+    last = int(below[0]) if len(below) else len(fsc_half) - 1
+    return min(len(fsc_half) - 1, last + extra_shells)
+
+
 def draw_reconstruction(settings: NoiseSettings, generator: torch.Generator) -> tuple[int, float, float]:
     """``(n_particles, snr, pose_error_deg)`` of one reconstruction pair: log-uniform count and SNR
     in the settings' ranges, pose error uniform in ``[0, settings.pose_error_deg]``."""
@@ -228,17 +265,47 @@ def make_pair(
     g = torch.Generator().manual_seed(pair_seed(seed, spec, box, noise_model, index))
     truth, pixel_size_a = load_truth(spec, box)
     meta: dict = {"structure": spec, "box": box, "pixel_size_a": pixel_size_a, "index": index}
+    if settings.target not in TARGETS:
+        raise InputError(f"target must be one of {TARGETS}, got {settings.target!r}")
+    half_map = settings.target == "half-map"
     if noise_model == "reconstruction":
         n, snr, pose = draw_reconstruction(settings, g)
-        noisy = reconstruction_input(truth, pixel_size_a, n, snr, pose, settings, g)
+        if half_map:
+            noisy, other = reconstruction_halves(truth, pixel_size_a, n, snr, pose, settings, g)
+        else:
+            noisy = reconstruction_input(truth, pixel_size_a, n, snr, pose, settings, g)
         meta.update(n_particles=n, snr=snr, pose_error_deg=pose)
     else:
         level = _log_uniform(*settings.gaussian_level, g)
-        noise = torch.randn(truth.shape, generator=g, dtype=truth.dtype)
-        noisy = truth + level * sphere_std(truth) * noise
+        sigma = level * sphere_std(truth)
+        maps = [truth + sigma * torch.randn(truth.shape, generator=g, dtype=truth.dtype)
+                for _ in range(2 if half_map else 1)]
+        noisy, other = maps[0], maps[-1]
         meta.update(gaussian_level=level)
+    if half_map:
+        fsc_half = fsc(noisy, other, ndim=3)  # (box // 2 + 1,)
+        weights = fsc_half.clamp(0.0, 1.0)
+        meta["fsc_half"] = [round(float(v), 4) for v in fsc_half]
+    else:
+        fsc_half, weights = None, None
+    if float(torch.rand((), generator=g)) < settings.band_limit:
+        lo, hi = settings.band_limit_extra_shells
+        extra = int(torch.randint(lo, hi + 1, (), generator=g))
+        if fsc_half is None:  # a full map's FSC to the truth f ↔ half maps' FSC f² / (2 − f²)
+            f2 = fsc(noisy, truth, ndim=3).clamp(min=0.0) ** 2
+            fsc_half = f2 / (2.0 - f2)
+        r_max = band_limit_shell(fsc_half, extra)
+        keep = (torch.arange(box // 2 + 1) <= r_max).to(noisy.dtype)
+        noisy = shell_filter(noisy, keep, ndim=3)
+        weights = keep if weights is None else weights * keep
+        meta["band_limit_shell"] = r_max
     curve = fsc(noisy, truth, ndim=3)  # (box // 2 + 1,)
-    target = fsc_weighted_lowpass(truth, curve, ndim=3)
+    if half_map:
+        target = shell_filter(truth, weights, ndim=3)
+    else:
+        target = fsc_weighted_lowpass(truth, curve, ndim=3)
+        if weights is not None:
+            target = shell_filter(target, weights, ndim=3)
     scale = sphere_std(noisy)
     meta["fsc_input"] = [round(float(v), 4) for v in curve]
     meta["fsc_target"] = [round(float(v), 4) for v in fsc(target, truth, ndim=3)]

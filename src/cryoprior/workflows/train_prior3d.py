@@ -44,6 +44,8 @@ def noise_settings(config: Prior3DConfig) -> NoiseSettings:
         ctf=config.ctf,
         wiener_constant=config.wiener_constant,
         gaussian_level=(config.gaussian_level[0], config.gaussian_level[1]),
+        target=config.target,
+        band_limit=config.band_limit,
     )
 
 
