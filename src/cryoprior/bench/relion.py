@@ -67,8 +67,10 @@ def external_command() -> str:
     return f"{sys.executable} -m cryoprior.cli.main relion-external"
 
 
-def _env(prior: str | None) -> dict:
+def _env(prior: str | None, model: str | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if model is not None:  # the external program's denoiser (relion_external.ENV["denoiser"])
+        env["CRYOPRIOR_DENOISER"] = str(Path(model).resolve())
     src = str(Path(cryoprior.__file__).resolve().parents[1])  # this source tree wins in the subprocess
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if prior is not None:
@@ -87,9 +89,11 @@ def prepare_stack(folder: Path, structure: str, snr: float, n: int = 800, box: i
     return project
 
 
-def run_auto_refine(project: Path, arm: str, ranks: int = 3, seed: int = 0, timeout_s: float | None = None) -> dict:
+def run_auto_refine(project: Path, arm: str, ranks: int = 3, seed: int = 0, timeout_s: float | None = None,
+                    model: str | None = None) -> dict:
     """One auto-refine of ``project/particles.star`` into ``project/Refine_<arm>/run``: RELION's M-step
-    (``internal``) or ``--external_reconstruct`` with ``CRYOPRIOR_PRIOR=<arm>``. Returns rc and wall time."""
+    (``internal``) or ``--external_reconstruct`` with ``CRYOPRIOR_PRIOR=<arm>`` (and
+    ``CRYOPRIOR_DENOISER=<model>`` when given). Returns rc and wall time."""
     out = project / f"Refine_{arm}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
@@ -101,7 +105,7 @@ def run_auto_refine(project: Path, arm: str, ranks: int = 3, seed: int = 0, time
     start = time.perf_counter()
     with open(out / "run.log", "w") as logf:
         try:
-            rc = subprocess.run(cmd, cwd=project, env=_env(None if arm == "internal" else arm), stdout=logf,
+            rc = subprocess.run(cmd, cwd=project, env=_env(None if arm == "internal" else arm, model), stdout=logf,
                                 stderr=subprocess.STDOUT, timeout=timeout_s).returncode
         except subprocess.TimeoutExpired:
             rc = -9
@@ -206,13 +210,14 @@ def _write(result: dict, out: Path) -> None:
 def run(quick: bool = False, out_dir: str = "bench_relion", n: int = 800, box: int = 48,
         arms: tuple[str, ...] = ARMS, known_pose_n: int | None = None, known_pose_box: int = 64,
         known_poses: bool = True, work_dir: str | None = None, structures: list[str] | None = None,
-        snrs: list[float] | None = None) -> dict:
+        snrs: list[float] | None = None, model: str | None = None) -> dict:
     """Every case (structure × SNR) runs ``arms`` then the known-pose comparison, on its own stack of
     ``known_pose_n`` particles at ``known_pose_box`` (default 4,000 at box 64, 800 with ``quick``),
     so that start-up does not dominate the timing (``known_poses=False``: skipped). Cases run SNR by
     SNR, so a cut-short run still covers every structure. The JSON and Markdown are rewritten after each
     arm (``"complete": false`` until the end). Stacks and RELION runs stay in ``work_dir`` when
-    given (else a temporary folder). ``structures`` / ``snrs`` override the grid (a shorter run)."""
+    given (else a temporary folder). ``structures`` / ``snrs`` override the grid (a shorter run);
+    ``model`` is the external arms' trained prior (default: the shipped one)."""
     missing = relion_available()
     if missing:
         raise CryopriorError(f"bench relion needs RELION 3.1 on PATH (missing: {missing})")
@@ -225,7 +230,7 @@ def run(quick: bool = False, out_dir: str = "bench_relion", n: int = 800, box: i
     pixel = 2.5
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"quick": quick, "complete": False, "relion": "3.1 (relion_refine_mpi, 3 ranks)",
+    result = {"quick": quick, "complete": False, "relion": "3.1 (relion_refine_mpi, 3 ranks)", "model": model or "shipped",
               "external": external_command(), "structures_from": source, "cases": []}
     with tempfile.TemporaryDirectory(prefix="bench_relion_") as tmp:
         root = Path(work_dir) if work_dir else Path(tmp)
@@ -239,7 +244,7 @@ def run(quick: bool = False, out_dir: str = "bench_relion", n: int = 800, box: i
                     truth, _ = read_truth(project)
                 for arm in arms:
                     log.info("bench relion: %s SNR %g, %s", structure, snr, arm)
-                    row = run_auto_refine(project, arm)
+                    row = run_auto_refine(project, arm, model=model)
                     folder = Path(row.pop("folder"))
                     row.update(refine_summary(folder, pixel))
                     row.pop("history")

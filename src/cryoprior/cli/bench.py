@@ -62,6 +62,7 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
     "drvae": ("drvae", {"n": 2000, "box": 64, "quick": False, "out_dir": "bench_drvae"},
               {"n": 400, "box": 64, "quick": True, "out_dir": "bench_drvae_quick"}),
 }
+MODEL_BENCHES = ("red", "relion")  # the ones that take a trained 3D prior (--model)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +70,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=None, help="number of particles")
     parser.add_argument("--box", type=int, default=None, help="image size")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--model", default=None, help="red, relion: a trained 3D prior's folder "
+                        "(cryoprior train-prior3d --out); default: the shipped model")
     parser.add_argument("--out", default=None, help="write the JSON here (default: stdout only); benchmarks "
                         "with tables or figures write them to a folder next to it (default: ./bench_NAME[_quick])")
 
@@ -83,6 +86,12 @@ def main(args: argparse.Namespace) -> int:
         kwargs["n"] = args.n
     if args.box is not None:
         kwargs["box"] = args.box
+    if args.model is not None:
+        if args.which not in MODEL_BENCHES:
+            raise InputError(f"--model applies to bench {' and '.join(MODEL_BENCHES)}, not {args.which}")
+        if not Path(args.model).exists():
+            raise InputError(f"--model {args.model}: no such folder or file")
+        kwargs["model"] = args.model
     if args.out and "out_dir" in kwargs:  # tables and figures next to the JSON, not in the working folder
         kwargs["out_dir"] = str(Path(args.out).parent / kwargs["out_dir"])
     module = importlib.import_module(f"cryoprior.bench.{module_name}")
