@@ -79,9 +79,10 @@ class Prior3DConfig:
     )
     pose_error_deg: float = field(default=3.0, metadata={"help": "largest RMS pose error (deg)"})
     target: str = field(
-        default="half-map",
-        metadata={"choices": TARGETS, "help": "half-map: truth × FSC of two half maps (the paper's); "
-                  "fsc-truth: truth × sqrt(2f/(1+f)), f the input's FSC to the truth"},
+        default="fsc-truth",
+        metadata={"choices": TARGETS, "help": "fsc-truth: truth × sqrt(2f/(1+f)), f the input's FSC to "
+                  "the truth; half-map (the paper's): input = a half map, target = truth × FSC of the two "
+                  "half maps (less amplitude near the resolution limit; worse RED maps in our benches)"},
     )
     band_limit: float = field(
         default=0.5,

@@ -146,7 +146,7 @@ class NoiseSettings:
     defocus_um: tuple[float, float] = (1.0, 3.0)
     wiener_constant: float = 1e-3
     gaussian_level: tuple[float, float] = (0.3, 5.0)
-    target: str = "half-map"
+    target: str = "fsc-truth"
     band_limit: float = 0.0  # probability that a pair is cut at RELION's current size
     band_limit_extra_shells: tuple[int, int] = (4, 10)
 
