@@ -99,7 +99,7 @@ class Prior3DConfig:
     base_channels: int = field(default=6, metadata={"help": "channels at the finest level"})
     channel_growth: float = field(default=1.75, metadata={"help": "channel factor per level"})
     convs_per_level: int = field(default=2, metadata={"help": "3x3x3 convolutions per block"})
-    epochs: int = field(default=30, metadata={"help": "passes over the training pairs"})
+    epochs: int = field(default=60, metadata={"help": "passes over the training pairs"})
     batch_size: int = field(default=4, metadata={"help": "maps per step"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     head_lr_factor: float = field(
