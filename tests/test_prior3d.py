@@ -330,7 +330,6 @@ def test_rerun_with_another_config_is_refused_and_names_the_field(tmp_path, caps
 # ------------------------------------------------------------------- pixel size of the prior's input
 def test_shipped_model_records_its_training_pixel_sizes():
     from cryoprior.nn.prior3d import model_record, training_pixel_size_a
-
     from cryoprior.nn.prior3d_data import PSEUDO_BOX_EDGE_A
 
     lo, hi = training_pixel_size_a(None)

@@ -214,16 +214,13 @@ def reconstruction_input(
 
 
 def reconstruction_halves(
-    truth: torch.Tensor,
-    pixel_size_a: float,
-    n_particles: int,
-    snr: float,
-    pose_error_deg: float,
-    settings: NoiseSettings,
+    truth: torch.Tensor, pixel_size_a: float, draw: tuple[int, float, float], settings: NoiseSettings,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two unregularised half-set reconstructions (particles split by parity, as
-    ``rlnRandomSubset`` splits them) of ``truth`` ``(d, d, d)``. → ``(half1, half2)``."""
+    ``rlnRandomSubset`` splits them) of ``truth`` ``(d, d, d)``; ``draw`` is
+    :func:`draw_reconstruction`'s ``(n_particles, snr, pose_error_deg)``. → ``(half1, half2)``."""
+    n_particles, snr, pose_error_deg = draw
     noisy, rots, ctf = simulate_particles(truth, pixel_size_a, max(n_particles, 2), snr, settings, generator)
     est = perturb_rotations(rots, pose_error_deg, generator)
     return tuple(  # type: ignore[return-value]
@@ -271,7 +268,7 @@ def make_pair(
     if noise_model == "reconstruction":
         n, snr, pose = draw_reconstruction(settings, g)
         if half_map:
-            noisy, other = reconstruction_halves(truth, pixel_size_a, n, snr, pose, settings, g)
+            noisy, other = reconstruction_halves(truth, pixel_size_a, (n, snr, pose), settings, g)
         else:
             noisy = reconstruction_input(truth, pixel_size_a, n, snr, pose, settings, g)
         meta.update(n_particles=n, snr=snr, pose_error_deg=pose)
