@@ -112,7 +112,7 @@ def test_weight_average_is_the_bias_corrected_mean_of_every_generator_step(sim, 
 
     monkeypatch.setattr(gan_module.WeightAverage, "update", record)
     avg, _, _ = train_gan(y, x, GANConfig(ema_epochs=1.5, **small))
-    raw, _, _ = train_gan(y, x, GANConfig(**small))
+    raw, _, _ = train_gan(y, x, GANConfig(ema_epochs=0, **small))
     assert len(snapshots) == 2 * 4 * 2  # epochs × minibatches × k_g
     decay = 1 - 1 / (1.5 * 4 * 2)
     weights = torch.tensor([decay ** (len(snapshots) - 1 - s) for s in range(len(snapshots))], dtype=torch.float64)

@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict] = {
     "l1 warm-up 3": {"warmup_epochs": 3},
     "l1 warm-up 3, lr_d/4": {"warmup_epochs": 3, "lr_d": 5e-5},
     "spectral-norm D": {"d_spectral_norm": True},
+    "EMA 0.5": {"ema_epochs": 0.5},
     "EMA 1": {"ema_epochs": 1.0},
     "EMA 2": {"ema_epochs": 2.0},
     "lambda 100->10 in 3": {"lambda_start": 100.0, "lambda_epochs": 3},

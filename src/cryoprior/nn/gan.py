@@ -8,7 +8,8 @@ an ℓp reconstruction term,
 (losses in :mod:`cryoprior.nn.gan_losses`). ``gan="none"`` (λ = ∞) is the plain ℓ1/ℓ2
 autoencoder. Training is the paper's Algorithm 1 run by :func:`cryoprior.nn.training.train_loop`:
 per minibatch ``k_d`` discriminator steps, then ``k_g`` generator steps, Adam for both;
-resumable checkpoints, a NaN/Inf stop that keeps the last good checkpoint.
+resumable checkpoints, a NaN/Inf stop that keeps the last good checkpoint. Options: a moving
+average of the generator's weights as the result (``ema_epochs``), a λ schedule (``lambda_start``).
 
 Intensities: images are scaled per *stack* (not per image): inputs ``(y − m_y) / s_y``,
 references ``(x − m_x) / s_x`` with one mean and standard deviation for the whole training
@@ -60,10 +61,10 @@ class GANConfig:
                                "training (no discriminator) before Algorithm 1 starts; counted in --gan-epochs"})
     d_spectral_norm: bool = field(default=False, metadata={"help": "spectral normalisation of every "
                                   "discriminator convolution and linear layer"})
-    ema_epochs: float = field(default=0.0, metadata={"help": "horizon (epochs) of an exponential moving average "
+    ema_epochs: float = field(default=0.5, metadata={"help": "horizon (epochs) of an exponential moving average "
                               "of the generator's weights and batch-norm statistics: per generator step the average "
                               "moves 1/(ema_epochs * generator steps per epoch) toward the new weights (bias-corrected); "
-                              "the average is the generator saved and applied. 0: off"})
+                              "the average is the generator saved and applied (also with --gan none). 0: off"})
     lambda_start: float | None = field(default=None, metadata={"help": "lambda at the first step, moved geometrically "
                                        "(linearly if either is 0) to --lambda over the first --lambda-epochs epochs; "
                                        "default: --lambda throughout"})
