@@ -7,9 +7,11 @@ shipped CDAE's exclusions nor any bench test on: ``nn.cdae_generic.training_stru
 bench cdae's pre-training structure), for the ℓ1-AE and the (.5,.5)- and (1,1)-GAN+ℓ1 under each
 training variant of :data:`VARIANTS`. Writes ``gan_dev.json`` and ``gan_dev.md``: PSNR (dB, peak
 = each clean image's range) mean (std) over structures × seeds, and each variant's mean gap to
-the ℓ1-AE of the same structure and seed. Every finished (structure, SNR, seed) is appended to
-``rows.jsonl`` and skipped when the command is run again (seeds outermost, so a cut run has
-every structure and SNR).
+the ℓ1-AE of the same structure and seed ("fair gap": to the ℓ1-AE with the same weight average).
+Every method starts from :data:`BASE` (no weight average: the defaults these variants were measured
+against), so ``default`` here is ``--ema-epochs 0``. Every finished (structure, SNR, seed) is
+appended to ``rows.jsonl`` and skipped when run again (seeds outermost: a cut run has every
+structure and SNR).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ DEV_STRUCTURES = ("3enl", "3iey")
 SIZE = dict(box=32, n_train=500, n_test=100, epochs=6, seeds=(0, 1, 2), snrs=(0.1, 0.05))
 GANS = {"(.5,.5)-GAN+l1": {"gan": "beta", "alpha": 0.5, "beta": 0.5},
         "(1,1)-GAN+l1": {"gan": "beta", "alpha": 1.0, "beta": 1.0}}
-#: training variants (GANConfig overrides) tried on the GANs
+#: what every method of the study starts from: no weight average (the default before the fourth pass)
+BASE = {"ema_epochs": 0.0}
+#: training variants (GANConfig overrides of BASE) tried on the GANs
 VARIANTS: dict[str, dict] = {
     "default": {},
     "lr_d/4": {"lr_d": 5e-5},
@@ -51,9 +55,9 @@ VARIANTS: dict[str, dict] = {
 
 def _ae_methods(variants: dict[str, dict]) -> dict[str, dict]:
     """The ℓ1-AE, plain and with every weight average a GAN variant uses (the fair reference)."""
-    out = {"l1-AE": {"gan": "none", "recon_loss": "l1"}}
+    out = {"l1-AE": {**BASE, "gan": "none", "recon_loss": "l1"}}
     for e in sorted({v["ema_epochs"] for v in variants.values() if v.get("ema_epochs")}):
-        out[f"l1-AE EMA {e:g}"] = {"gan": "none", "recon_loss": "l1", "ema_epochs": e}
+        out[f"l1-AE EMA {e:g}"] = {**BASE, "gan": "none", "recon_loss": "l1", "ema_epochs": e}
     return out
 
 
@@ -79,7 +83,7 @@ def run(out_dir: str | Path = "gan_dev", variants: dict[str, dict] | None = None
     jobs = [(s, snr, seed) for seed in (seeds or SIZE["seeds"]) for s in structures for snr in SIZE["snrs"]
             if (s, snr, seed) not in done]
     methods = _ae_methods(variants)
-    methods |= {f"{g} {v}": {**kw, **over} for g, kw in GANS.items() for v, over in variants.items()}
+    methods |= {f"{g} {v}": {**BASE, **kw, **over} for g, kw in GANS.items() for v, over in variants.items()}
     fair = {f"{g} {v}": (f"l1-AE EMA {over['ema_epochs']:g}" if over.get("ema_epochs") else "l1-AE")
             for g in GANS for v, over in variants.items()}
     for structure, snr, seed in progress(jobs, "gan dev"):
