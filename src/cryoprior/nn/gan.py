@@ -194,9 +194,10 @@ def train_gan(
     checkpoint: str | Path | None = None,
     desc: str | None = None,
 ) -> tuple[ResNetAutoencoder, ResNetClassifier | None, dict[str, list[float]]]:
-    """Algorithm 1 on scaled pairs ``noisy → refs`` ``(n, 1, d, d)``; returns G (the weight average
-    with ``ema_epochs``), D (None without GAN) and per-epoch loss curves (``generator``: the generator objective; ``recon``: its ℓp
-    term; ``discriminator``: the discriminator's loss incl. penalty). Resumes from ``checkpoint``.
+    """Algorithm 1 on scaled pairs ``noisy → refs`` ``(n, 1, d, d)``; returns G (the weight
+    average with ``ema_epochs`` > 0), D (None without GAN) and per-epoch loss curves
+    (``generator``: the generator objective; ``recon``: its ℓp term; ``discriminator``: the
+    discriminator's loss incl. penalty). Resumes from ``checkpoint``.
 
     The curves of epochs before a resume are in the checkpoint's ``losses`` only for
     ``generator``.
