@@ -98,7 +98,8 @@ def run(out_dir: str | Path = "gan_dev", variants: dict[str, dict] | None = None
         rows += new
         with done_file.open("a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in new))
-    result = {"size": SIZE, "structures": list(structures), "rows": rows, "summary": summarise(rows),
+    result = {"size": {**SIZE, "seeds": tuple(seeds or SIZE["seeds"])}, "structures": list(structures), "rows": rows,
+              "summary": summarise(rows),
               "summary_fair": summarise(rows, fair)}
     (out_dir / "gan_dev.json").write_text(json.dumps(result, indent=1))
     (out_dir / "gan_dev.md").write_text(markdown(result))
