@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cryoprior.cli.main import main
+from cryoprior.errors import InputError
 from cryoprior.io.mrc import write_map, write_mrcs
 from cryoprior.io.stack import ParticleStack
 from cryoprior.io.star import read_star, write_star
@@ -59,10 +60,13 @@ def _tensor_pairs(sim, n=120):
     return y, x
 
 
-@pytest.mark.parametrize("gan", ["beta", "wgan-gp"])
-def test_resume_equals_an_uninterrupted_run(sim, tmp_path, gan):
+@pytest.mark.parametrize("gan,extra", [("beta", {}), ("wgan-gp", {}),
+                                       ("beta", {"ema_epochs": 0.5, "lambda_start": 100.0, "lambda_epochs": 2})])
+def test_resume_equals_an_uninterrupted_run(sim, tmp_path, gan, extra):
+    """Also with the generator's weight average (the returned G; its state is in the checkpoint)
+    and a lambda schedule that spans the interruption."""
     y, x = _tensor_pairs(sim, 60)
-    cfg = GANConfig(gan=gan, gan_epochs=2, gan_batch_size=10, g_widths=[8, 16], d_widths=[8, 16], seed=3)
+    cfg = GANConfig(gan=gan, gan_epochs=2, gan_batch_size=10, g_widths=[8, 16], d_widths=[8, 16], seed=3, **extra)
     g_full, d_full, _ = train_gan(y, x, cfg)
     ckpt = tmp_path / "ck.pt"
     train_gan(y, x, GANConfig(**{**cfg.__dict__, "gan_epochs": 1}), checkpoint=ckpt)
@@ -89,6 +93,58 @@ def test_warmup_epochs_are_reconstruction_only_training(sim):
     after, _, curves = train_gan(y, x, GANConfig(gan="beta", warmup_epochs=1, gan_epochs=2, **small))
     assert curves["discriminator"][1] != 0.0
     assert not torch.equal(next(iter(ae.parameters())), next(iter(after.parameters())))
+
+
+def test_weight_average_is_the_bias_corrected_mean_of_every_generator_step(sim, monkeypatch):
+    """--ema-epochs: the returned generator is Σ d^(t−s) θ_s / Σ d^(t−s) over the weights (and
+    batch-norm statistics) after each generator step s = 1..t, d = 1 − 1/(ema_epochs · steps/epoch
+    · k_g); not the raw weights."""
+    from cryoprior.nn import gan as gan_module
+
+    y, x = _tensor_pairs(sim, 40)
+    small = dict(gan_batch_size=10, g_widths=[8, 16], d_widths=[8, 16], seed=2, gan_epochs=2)
+    snapshots = []
+    update = gan_module.WeightAverage.update
+
+    def record(self, model):
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        update(self, model)
+
+    monkeypatch.setattr(gan_module.WeightAverage, "update", record)
+    avg, _, _ = train_gan(y, x, GANConfig(ema_epochs=1.5, **small))
+    raw, _, _ = train_gan(y, x, GANConfig(ema_epochs=0, **small))
+    assert len(snapshots) == 2 * 4 * 2  # epochs × minibatches × k_g
+    decay = 1 - 1 / (1.5 * 4 * 2)
+    weights = torch.tensor([decay ** (len(snapshots) - 1 - s) for s in range(len(snapshots))], dtype=torch.float64)
+    for k, v in avg.state_dict().items():
+        if not v.is_floating_point():
+            continue
+        manual = sum(w * snap[k].double() for w, snap in zip(weights, snapshots)) / weights.sum()
+        torch.testing.assert_close(v.double(), manual, rtol=1e-4, atol=1e-6, msg=k)
+    for k, v in raw.state_dict().items():  # the raw run is the same trajectory's last step
+        torch.testing.assert_close(v, snapshots[-1][k], rtol=0, atol=0, msg=k)
+    gap = max(float((avg.state_dict()[k] - v).abs().max()) for k, v in raw.state_dict().items() if v.is_floating_point())
+    assert gap > 1e-3
+
+
+def test_lambda_schedule(sim):
+    """--lambda-start: λ moves geometrically (linearly from 0) to --lambda; training uses it."""
+    y, x = _tensor_pairs(sim, 20)
+    small = dict(gan_batch_size=10, g_widths=[8, 16], d_widths=[8, 16], seed=4, gan_epochs=1)
+    plain, _, _ = train_gan(y, x, GANConfig(**small))
+    same, _, _ = train_gan(y, x, GANConfig(lambda_start=10.0, lambda_epochs=1, **small))
+    scheduled, _, _ = train_gan(y, x, GANConfig(lambda_start=1000.0, lambda_epochs=1, **small))
+    for (k, va), vb in zip(plain.state_dict().items(), same.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
+    assert not torch.equal(next(iter(plain.parameters())), next(iter(scheduled.parameters())))
+    cfg = GANConfig(recon_weight=10.0, lambda_start=1000.0, lambda_epochs=2)
+    assert [round(cfg.lambda_at(e), 6) for e in (0, 1, 2, 5)] == [1000.0, 100.0, 10.0, 10.0]  # geometric
+    assert GANConfig(recon_weight=10.0, lambda_start=0.0, lambda_epochs=4).lambda_at(1) == 2.5  # linear from 0
+    assert GANConfig(recon_weight=10.0).lambda_at(0) == 10.0
+    with pytest.raises(InputError):
+        GANConfig(lambda_start=float("inf"), lambda_epochs=1).validate()
+    with pytest.raises(InputError):
+        GANConfig(ema_epochs=-1).validate()
 
 
 def test_spectral_norm_bounds_every_discriminator_layer():
@@ -135,11 +191,18 @@ def test_ae_baseline_and_map_protocol(sim, tmp_path, capsys):
     rc, err = _run(["denoise", "train", "--method", "gan", "--gan", "none", "--recon-loss", "l2",
                     "--reference-map", str(sim / "ctf" / "volumes" / "1ake.mrc"),
                     "--target", str(sim / "ctf" / "particles.star"), "--out", str(run), "--gan-epochs", "1",
-                    "--val-fraction", "0.25", *SMALL], capsys)
+                    "--val-fraction", "0.25", "--ema-epochs", "0.5", *SMALL], capsys)
     assert rc == 0, err
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["label"] == "l2-AE" and metrics["held_out"]["n_images"] == 10
     assert "discriminator" not in json.loads((run / "losses.json").read_text())
+    # --ema-epochs: model.pt (what `denoise apply` loads) holds the weight average, not the raw weights
+    saved = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    ckpt = load_checkpoint(run / "checkpoints" / "gan.pt")
+    assert int(ckpt["generator_ema"]["steps"]) > 0
+    for k, v in saved.items():
+        torch.testing.assert_close(v, ckpt["generator_ema"][f"module.{k}"], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(v, ckpt["generator"][k]) for k, v in saved.items())
 
 
 def _broken_star(src, dst, drop=(), nan=False):

@@ -8,7 +8,8 @@ an ℓp reconstruction term,
 (losses in :mod:`cryoprior.nn.gan_losses`). ``gan="none"`` (λ = ∞) is the plain ℓ1/ℓ2
 autoencoder. Training is the paper's Algorithm 1 run by :func:`cryoprior.nn.training.train_loop`:
 per minibatch ``k_d`` discriminator steps, then ``k_g`` generator steps, Adam for both;
-resumable checkpoints, a NaN/Inf stop that keeps the last good checkpoint.
+resumable checkpoints, a NaN/Inf stop that keeps the last good checkpoint. Options: a moving
+average of the generator's weights as the result (``ema_epochs``), a λ schedule (``lambda_start``).
 
 Intensities: images are scaled per *stack* (not per image): inputs ``(y − m_y) / s_y``,
 references ``(x − m_x) / s_x`` with one mean and standard deviation for the whole training
@@ -37,7 +38,7 @@ from cryoprior.nn.gan_losses import (
     recon_loss,
 )
 from cryoprior.nn.models.resnet import NORMS, ResNetAutoencoder, ResNetClassifier, ResNetConfig
-from cryoprior.nn.training import epoch_seed, resolve_device, train_loop
+from cryoprior.nn.training import WeightAverage, epoch_seed, resolve_device, train_loop
 
 CONTAMINATION_TYPES = ("A", "B", "C")
 
@@ -60,6 +61,14 @@ class GANConfig:
                                "training (no discriminator) before Algorithm 1 starts; counted in --gan-epochs"})
     d_spectral_norm: bool = field(default=False, metadata={"help": "spectral normalisation of every "
                                   "discriminator convolution and linear layer"})
+    ema_epochs: float = field(default=0.5, metadata={"help": "horizon (epochs) of an exponential moving average "
+                              "of the generator's weights and batch-norm statistics: per generator step the average "
+                              "moves 1/(ema_epochs * generator steps per epoch) toward the new weights (bias-corrected); "
+                              "the average is the generator saved and applied (also with --gan none). 0: off"})
+    lambda_start: float | None = field(default=None, metadata={"help": "lambda at the first step, moved geometrically "
+                                       "(linearly if either is 0) to --lambda over the first --lambda-epochs epochs; "
+                                       "default: --lambda throughout"})
+    lambda_epochs: int = field(default=0, metadata={"help": "epochs of the --lambda-start schedule"})
     gan_epochs: int = field(default=30, metadata={"help": "GAN training epochs"})
     gan_batch_size: int = field(default=20, metadata={"help": "GAN minibatch size"})
     lr_g: float = field(default=2e-4, metadata={"help": "generator learning rate (Adam, beta1 0.5); the DCGAN "
@@ -99,6 +108,11 @@ class GANConfig:
             raise InputError(f"--lambda and --gp-weight must be >= 0, got {self.recon_weight}, {self.gp_weight}")
         if self.k_d < 1 or self.k_g < 1 or self.gan_batch_size < 2 or self.gan_epochs < 0 or self.warmup_epochs < 0:
             raise InputError("need k_d >= 1, k_g >= 1, gan_batch_size >= 2, gan_epochs >= 0 and warmup_epochs >= 0")
+        if not (math.isfinite(self.ema_epochs) and self.ema_epochs >= 0) or self.lambda_epochs < 0:
+            raise InputError(f"need finite ema_epochs >= 0 and lambda_epochs >= 0, got {self.ema_epochs}, "
+                             f"{self.lambda_epochs}")
+        if self.lambda_start is not None and not (math.isfinite(self.lambda_start) and self.lambda_start >= 0):
+            raise InputError(f"--lambda-start must be finite and >= 0, got {self.lambda_start}")
         if not (self.lr_g > 0 and self.lr_d > 0):
             raise InputError(f"learning rates must be positive, got {self.lr_g}, {self.lr_d}")
         if self.d_norm == "batch":
@@ -124,6 +138,16 @@ class GANConfig:
     def generator_arch(self) -> dict:
         """``nn.denoiser`` architecture record of the generator."""
         return {"kind": "resnet-ae", **self.generator_config().to_dict()}
+
+    def lambda_at(self, progress_epochs: float) -> float:
+        """λ after ``progress_epochs`` epochs of training (the ``lambda_start`` schedule)."""
+        start, end = self.lambda_start, self.recon_weight
+        if start is None or self.lambda_epochs == 0 or progress_epochs >= self.lambda_epochs:
+            return end
+        f = progress_epochs / self.lambda_epochs
+        if start > 0 and end > 0:
+            return start ** (1 - f) * end**f
+        return start + f * (end - start)
 
     @property
     def label(self) -> str:
@@ -170,9 +194,10 @@ def train_gan(
     checkpoint: str | Path | None = None,
     desc: str | None = None,
 ) -> tuple[ResNetAutoencoder, ResNetClassifier | None, dict[str, list[float]]]:
-    """Algorithm 1 on scaled pairs ``noisy → refs`` ``(n, 1, d, d)``; returns G, D (None without
-    GAN) and per-epoch loss curves (``generator``: the generator objective; ``recon``: its ℓp
-    term; ``discriminator``: the discriminator's loss incl. penalty). Resumes from ``checkpoint``.
+    """Algorithm 1 on scaled pairs ``noisy → refs`` ``(n, 1, d, d)``; returns G (the weight
+    average with ``ema_epochs`` > 0), D (None without GAN) and per-epoch loss curves
+    (``generator``: the generator objective; ``recon``: its ℓp term; ``discriminator``: the
+    discriminator's loss incl. penalty). Resumes from ``checkpoint``.
 
     The curves of epochs before a resume are in the checkpoint's ``losses`` only for
     ``generator``.
@@ -194,6 +219,10 @@ def train_gan(
     n, b = noisy.shape[0], config.gan_batch_size
     used = n - 1 if n > 1 and n % b == 1 else n  # no batch of 1 (batch norm)
     steps = max(1, math.ceil(used / b))
+    ema = None
+    if config.ema_epochs > 0:
+        ema = WeightAverage(gen, 1.0 - 1.0 / max(1.0, config.ema_epochs * steps * config.k_g))
+        modules["generator_ema"] = ema
     orders: dict[int, torch.Tensor] = {}
     side = {"recon": [], "discriminator": []}
     acc = {"recon": 0.0, "discriminator": 0.0, "count": 0, "epoch": -1}
@@ -236,13 +265,16 @@ def train_gan(
                 loss_g = rec
             else:
                 loss_g = generator_adversarial_loss(disc(out), config.gan, config.alpha, config.beta)
-                if config.recon_weight > 0:
-                    loss_g = loss_g + config.recon_weight * rec
+                weight = config.lambda_at(epoch + i / steps)
+                if weight > 0:
+                    loss_g = loss_g + weight * rec
             if not torch.isfinite(loss_g):
                 return loss_g, len(idx)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
+            if ema is not None:
+                ema.update(gen)
         acc["recon"] += float(rec.detach()) * len(idx)
         acc["discriminator"] += d_value * len(idx)
         acc["count"] += len(idx)
@@ -256,6 +288,7 @@ def train_gan(
     curves = {"generator": losses, "recon": side["recon"]}
     if disc is not None:
         curves["discriminator"] = side["discriminator"]
+    gen = gen if ema is None else ema.module  # the average is the trained generator
     return gen.eval(), (None if disc is None else disc.eval()), curves
 
 

@@ -1,5 +1,5 @@
 """The one training loop (:func:`train_loop`) and what every network shares: devices,
-optimisers, checkpoints, loss curves, dihedral augmentation.
+optimisers, checkpoints, loss curves, dihedral augmentation, weight averaging (:class:`WeightAverage`).
 
 :func:`train_loop` runs epochs of a caller's step function with resumable checkpoints, per-epoch
 seeding and a NaN/Inf stop; :func:`fit_pairs` is that loop for image-to-image pairs
@@ -9,6 +9,7 @@ own steps.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -75,6 +76,37 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def _all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class WeightAverage(nn.Module):
+    """Exponential moving average (Polyak/EMA) of a model's weights and floating-point buffers
+    (batch-norm statistics), bias-corrected: after ``t`` calls of :meth:`update` it is
+    ``Σ_s decay^(t−s) θ_s / Σ_s decay^(t−s)`` over the updates ``s = 1..t`` (the initial weights
+    do not count); integer buffers are copied. ``.module`` is the averaged copy; the step count is
+    a buffer, so a module entry of :func:`train_loop` checkpoints and resumes it exactly."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay must lie in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self.module = copy.deepcopy(model)
+        self.module.requires_grad_(False)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        t = int(self.steps) + 1
+        d = self.decay
+        keep = d * (1 - d ** (t - 1)) / (1 - d**t) if d > 0 else 0.0  # weight of the old average
+        pairs = list(zip(self.module.parameters(), model.parameters()))
+        pairs += list(zip(self.module.buffers(), model.buffers()))
+        for avg, new in pairs:
+            if avg.is_floating_point():
+                avg.lerp_(new.detach(), 1.0 - keep)
+            else:
+                avg.copy_(new)
+        self.steps.fill_(t)
 
 
 # --------------------------------------------------------------------------------- the one loop
