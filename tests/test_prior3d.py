@@ -298,8 +298,8 @@ def test_training_on_reconstructions_improves_held_out_maps(tmp_path):
 
     config = Prior3DConfig(
         structures=["1bd2", "3o21", "1pwc", "3enl"], validation_structures=["4ake", "2a2l"],
-        pairs_per_structure=3, validation_pairs=1, n_particles=[300, 1000], epochs=50,
-        device="cpu",
+        pseudo_proteins=0, box=[32], pairs_per_structure=3, validation_pairs=1, n_particles=[300, 1000],
+        epochs=50, device="cpu",
     )
     result = run_train_prior3d(config, tmp_path / "run", argv=["test"])
     assert result["n_improved_mean_fsc"] == result["n"] == 2
