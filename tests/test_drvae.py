@@ -172,13 +172,16 @@ def test_lowpass_first_clustering_and_warm_start(sim, tmp_path):
     np.testing.assert_array_equal(second, warm)
 
 
-def test_ssnr_first_clustering_and_later_clusterings_on_both(sim, tmp_path):
+def test_ssnr_first_clustering_and_later_clusterings_on_both(sim, tmp_path, monkeypatch):
     from cryoprior.nn.drvae_features import joint_features, ssnr_first
 
     stack = ParticleStack.from_file(sim)
     cfg = DRVAEConfig(**{**TINY, "warmup_steps": 0, "round_steps": 0}, max_rounds=2, stop_fraction=0.0,
                       first_clustering="ssnr", cluster_on="both", warm_start=True, lowpass_sigma_px=2.0)
+    calls = []
+    monkeypatch.setattr(drvae, "ssnr_first", lambda *a: calls.append(a) or ssnr_first(*a))
     train_drvae(stack, cfg, tmp_path / "run", "cpu")
+    assert len(calls) == 1  # the first clustering only
     rounds = tmp_path / "run" / "rounds"
     first, second = (np.load(rounds / f"round_0{r}.npz")["labels"] for r in (1, 2))
     prep = drvae.prepare(stack, 16)
