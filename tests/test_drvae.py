@@ -196,6 +196,8 @@ def test_ssnr_first_clustering_and_later_clusterings_on_both(sim, tmp_path, monk
     half = joint.shape[1] // 2
     assert (joint[:, :half] ** 2).sum(1).mean() == pytest.approx(1.0, rel=1e-4)
     assert (joint[:, half:] ** 2).sum(1).mean() == pytest.approx(cfg.denoised_weight**2, rel=1e-4)
+    summed = joint_features(lowpassed, den, cfg.denoised_weight, summed=True)  # what --align aligns
+    np.testing.assert_allclose(summed.reshape(len(joint), -1), joint[:, :half] + joint[:, half:], atol=1e-5)
     warm, _ = bsk_means(joint, 4, 0, size_tolerance=cfg.size_tolerance, init_labels=first)
     np.testing.assert_array_equal(second, warm)
 

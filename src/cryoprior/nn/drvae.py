@@ -84,8 +84,8 @@ class DRVAEConfig:
     size_tolerance: float = field(default=0.5, metadata={"help": "BSK class sizes may range over (1 ± τ)·n/K; 0: exactly balanced (the paper)"})
     reliable_fraction: float = field(default=0.5, metadata={"help": "fraction of each class nearest its centre given a pseudo-target"})
     target_weight: float = field(default=1.0, metadata={"help": "weight of the pseudo-target loss"})
-    cluster_on: str = field(default="latent", metadata={"choices": list(CLUSTER_ON), "help": "what BSK-means++ clusters: the latent means, the denoised images, or both: the denoised images next to the inputs low-passed by --lowpass-sigma (joint_features; --align: always the denoised images)"})
-    denoised_weight: float = field(default=2.0, metadata={"help": "with --cluster-on both: weight of the denoised images against the low-passed inputs"})
+    cluster_on: str = field(default="latent", metadata={"choices": list(CLUSTER_ON), "help": "what BSK-means++ clusters: the latent means, the denoised images, or both: the denoised images next to the inputs low-passed by --lowpass-sigma (joint_features; --align: their sum; latent: the denoised images)"})
+    denoised_weight: float = field(default=0.5, metadata={"help": "with --cluster-on both: weight of the denoised images against the low-passed inputs"})
     first_clustering: str = field(default="network", metadata={"choices": list(FIRST_CLUSTERING), "help": "what the first clustering sees: what --cluster-on says (network), the network inputs Gaussian low-passed by --lowpass-sigma (lowpass), or (ssnr) k-means of those refined by BSK-means with SSNR-regularised centres on the inputs (ssnr_bsk; with --align: as lowpass)"})
     lowpass_sigma_px: float = field(default=1.5, metadata={"flag": "--lowpass-sigma", "help": "real-space width of the low-pass of --first-clustering lowpass, input px"})
     warm_start: bool = field(default=False, metadata={"help": "each clustering after the first starts from the previous round's classes (no new k-means++ seeding)"})
@@ -253,6 +253,8 @@ def cluster_round(vae: DRVAE, x: torch.Tensor, config: DRVAEConfig, seed: int, d
     values = denoised if config.pseudo_targets == "denoised" else x  # (n, 1, b, b)
     if config.align:
         seen = denoised if features is None else features
+        if features is None and config.cluster_on == "both":  # one image: the sum of the two parts
+            seen = torch.as_tensor(joint_features(lowpassed, denoised, config.denoised_weight, summed=True))
         labels, angles, shifts, _, own = aligned_bsk(seen[:, 0], k, seed, max_shift_net,
                                                         size_tolerance=config.size_tolerance, init=previous,
                                                         n_init=config.align_restarts)

@@ -35,12 +35,16 @@ def ssnr_first(x: torch.Tensor, lowpassed: torch.Tensor, k: int, seed: int, size
     return labels, x.reshape(n, -1).numpy(), centres
 
 
-def joint_features(lowpassed: torch.Tensor, denoised: torch.Tensor, denoised_weight: float) -> np.ndarray:
+def joint_features(lowpassed: torch.Tensor, denoised: torch.Tensor, denoised_weight: float, summed: bool = False
+                   ) -> np.ndarray:
     """``(n, 2 b*b)``: the low-passed inputs and the denoised images ``(n, 1, b, b)``, each scaled to
-    a mean squared norm of 1, the denoised ones then by ``denoised_weight`` (squared distances add)."""
+    a mean squared norm of 1, the denoised ones then by ``denoised_weight`` (squared distances add).
+    ``summed``: their sum ``(n, 1, b, b)`` instead, one image to align (``--align``)."""
     n = len(lowpassed)
     parts = []
     for part, weight in ((lowpassed, 1.0), (denoised, denoised_weight)):
-        p = part.reshape(n, -1).double().numpy()
-        parts.append(weight * p / max(float(np.sqrt((p * p).sum(1).mean())), 1e-12))
-    return np.concatenate(parts, axis=1).astype(np.float32)
+        p = part.double().numpy()
+        parts.append(weight * p / max(float(np.sqrt((p * p).sum((1, 2, 3)).mean())), 1e-12))
+    if summed:
+        return (parts[0] + parts[1]).astype(np.float32)
+    return np.concatenate([p.reshape(n, -1) for p in parts], axis=1).astype(np.float32)
