@@ -84,7 +84,7 @@ class DRVAEConfig:
     size_tolerance: float = field(default=0.5, metadata={"help": "BSK class sizes may range over (1 ± τ)·n/K; 0: exactly balanced (the paper)"})
     reliable_fraction: float = field(default=0.5, metadata={"help": "fraction of each class nearest its centre given a pseudo-target"})
     target_weight: float = field(default=1.0, metadata={"help": "weight of the pseudo-target loss"})
-    cluster_on: str = field(default="latent", metadata={"choices": list(CLUSTER_ON), "help": "what BSK-means++ clusters: the latent means, the denoised images, or both: the denoised images next to the inputs low-passed by --lowpass-sigma (joint_features; --align: their sum; latent: the denoised images)"})
+    cluster_on: str = field(default="latent", metadata={"choices": list(CLUSTER_ON), "help": "what BSK-means++ clusters: the latent means, the denoised images, or both: the denoised images next to the inputs low-passed by --lowpass-sigma (joint_features); with --align: their sum for both, else the denoised images"})
     denoised_weight: float = field(default=0.5, metadata={"help": "with --cluster-on both: weight of the denoised images against the low-passed inputs"})
     first_clustering: str = field(default="network", metadata={"choices": list(FIRST_CLUSTERING), "help": "what the first clustering sees: what --cluster-on says (network), the network inputs Gaussian low-passed by --lowpass-sigma (lowpass), or (ssnr) k-means of those refined by BSK-means with SSNR-regularised centres on the inputs (ssnr_bsk; with --align: as lowpass)"})
     lowpass_sigma_px: float = field(default=1.5, metadata={"flag": "--lowpass-sigma", "help": "real-space width of the low-pass of --first-clustering lowpass, input px"})
@@ -363,7 +363,8 @@ def train_drvae(stack: ParticleStack, config: DRVAEConfig, run_dir: str | Path, 
     prep = prepare(stack, b)
     scale = stack.box / b
     max_shift_net = math.ceil(config.max_shift_px / scale) if config.align else 0
-    lowpassed = lowpass_inputs(prep.x, config.lowpass_sigma_px / scale)
+    lowpassed = (lowpass_inputs(prep.x, config.lowpass_sigma_px / scale)
+                 if config.first_clustering != "network" or config.cluster_on == "both" else None)
     torch.manual_seed(config.seed)
     vae = new_vae(config, b).to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=config.vae_lr)
