@@ -23,7 +23,7 @@ from cryoprior.classical.cluster.averages import (
     ssnr_wiener_averages,
     wiener_averages_from_sums,
 )
-from cryoprior.classical.cluster.bsk import balanced_sizes, size_bounds
+from cryoprior.classical.cluster.bsk import balanced_sizes, size_bounds, ssnr_bsk
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores
 from cryoprior.io.stack import ParticleStack
@@ -160,6 +160,33 @@ def test_bsk_started_from_labels_refines_them_in_one_run():
     np.testing.assert_array_equal(again, labels)
     with pytest.raises(ValueError, match="every class"):
         bsk_means(x, 3, init_labels=truth)
+
+
+def test_ssnr_bsk_refines_a_start_with_centres_free_of_noise_only_shells(views):
+    from cryoprior.core.fft import fft2c
+    from cryoprior.core.fsc import radial_average
+
+    truth = views["labels"]
+    # SNR 1: a start with 30 % of the labels redrawn is refined back to the views, sizes balanced
+    rng = np.random.default_rng(0)
+    start = truth.copy()
+    redrawn = rng.random(len(truth)) < 0.3
+    start[redrawn] = rng.integers(0, 4, int(redrawn.sum()))
+    labels, _ = ssnr_bsk(views["snr1"], 4, start, size_tolerance=0.5)
+    assert classification_scores(truth, labels)["accuracy"] > 0.98
+    exact, _ = ssnr_bsk(views["snr1"], 4, start)
+    assert np.bincount(exact, minlength=4).tolist() == [100] * 4
+    # SNR 0.01: the centres are the SSNR-regularised averages, with (almost) no power in the outer
+    # shells where the half sets do not agree, unlike the plain class means
+    noisy = views["snr001"]
+    _, centres = ssnr_bsk(noisy, 4, truth, max_iter=1)
+    plain = class_averages(noisy, truth, 4)
+
+    def outer_power(images):
+        spectrum = radial_average(fft2c(torch.as_tensor(images.reshape(4, 32, 32))).abs() ** 2)  # (4, 17)
+        return float(spectrum[:, 10:].sum() / spectrum.sum())
+
+    assert outer_power(centres) < 0.1 * outer_power(plain)
 
 
 def test_ssnr_wiener_averages_beat_plain_and_flat_and_keep_clean_ones(views):

@@ -172,6 +172,36 @@ def test_lowpass_first_clustering_and_warm_start(sim, tmp_path):
     np.testing.assert_array_equal(second, warm)
 
 
+def test_ssnr_first_clustering_and_later_clusterings_on_both(sim, tmp_path, monkeypatch):
+    from cryoprior.nn.drvae_features import joint_features, ssnr_first
+
+    stack = ParticleStack.from_file(sim)
+    cfg = DRVAEConfig(**{**TINY, "warmup_steps": 0, "round_steps": 0}, max_rounds=2, stop_fraction=0.0,
+                      first_clustering="ssnr", cluster_on="both", warm_start=True, lowpass_sigma_px=2.0)
+    calls = []
+    monkeypatch.setattr(drvae, "ssnr_first", lambda *a: calls.append(a) or ssnr_first(*a))
+    train_drvae(stack, cfg, tmp_path / "run", "cpu")
+    assert len(calls) == 1  # the first clustering only
+    rounds = tmp_path / "run" / "rounds"
+    first, second = (np.load(rounds / f"round_0{r}.npz")["labels"] for r in (1, 2))
+    prep = drvae.prepare(stack, 16)
+    lowpassed = drvae.lowpass_inputs(prep.x, 2.0 * 16 / 32)
+    # the first clustering: k-means of the low-passed inputs refined with SSNR-regularised centres
+    np.testing.assert_array_equal(first, ssnr_first(prep.x, lowpassed, 4, cfg.seed + 1, cfg.size_tolerance)[0])
+    assert classification_scores(stack.column("cpViewLabel").astype(np.int64), first)["f1"] > 0.9
+    # the second: BSK (from the first's classes) on the low-passed inputs next to the denoised images
+    torch.manual_seed(cfg.seed)
+    _, den = encode_all(drvae.new_vae(cfg, 16), prep.x, 64, "cpu")  # untrained, as in the run
+    joint = joint_features(lowpassed, den, cfg.denoised_weight)
+    half = joint.shape[1] // 2
+    assert (joint[:, :half] ** 2).sum(1).mean() == pytest.approx(1.0, rel=1e-4)
+    assert (joint[:, half:] ** 2).sum(1).mean() == pytest.approx(cfg.denoised_weight**2, rel=1e-4)
+    summed = joint_features(lowpassed, den, cfg.denoised_weight, summed=True)  # what --align aligns
+    np.testing.assert_allclose(summed.reshape(len(joint), -1), joint[:, :half] + joint[:, half:], atol=1e-5)
+    warm, _ = bsk_means(joint, 4, 0, size_tolerance=cfg.size_tolerance, init_labels=first)
+    np.testing.assert_array_equal(second, warm)
+
+
 # ------------------------------------------------------------------------------------- CTF
 def _ctfs(n, d=32, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -13,9 +13,10 @@
    its class average (of the denoised images, or of the network inputs, ``pseudo_targets``; moved
    into the image's own frame when aligned) as a pseudo-target with weight ``target_weight``;
    training goes on for ``round_steps``. The rounds stop when fewer than ``stop_fraction`` of the
-   particles change class, or after ``max_rounds`` clusterings. Options (off by default): the first
-   clustering on the inputs Gaussian low-passed instead (``first_clustering="lowpass"``), and each
-   later one started from the previous round's classes (``warm_start``).
+   particles change class, or after ``max_rounds`` clusterings. Options (off by default; what the
+   clusterings see: ``nn.drvae_features``): the first clustering on the low-passed inputs
+   (``first_clustering`` ``lowpass``/``ssnr``), later ones on the denoised images next to the
+   low-passed inputs (``cluster_on="both"``) and started from the previous classes (``warm_start``).
 
 Every training phase runs in :func:`cryoprior.nn.training.train_loop` with its own checkpoint
 (``checkpoints/round_00.pt`` for the warm-up, ``round_RR.pt`` after clustering ``RR``), and each
@@ -44,7 +45,7 @@ from cryoprior.classical.cluster.averages import class_averages
 from cryoprior.classical.cluster.bsk import balanced_assignment, bsk_means, reliable_mask
 from cryoprior.core.ctf import phase_flip
 from cryoprior.core.fft import fft2c, ifft2c
-from cryoprior.core.filters import downsample, gaussian_lowpass, normalize_images
+from cryoprior.core.filters import downsample
 from cryoprior.core.metrics import classification_scores, match_labels
 from cryoprior.core.rotations import rotate_images
 from cryoprior.errors import InputError
@@ -52,13 +53,14 @@ from cryoprior.fileutil import atomic_path
 from cryoprior.io.relion import ctf_from_star
 from cryoprior.io.stack import ParticleStack
 from cryoprior.nn.denoiser import denoise_tensor, read_model_file, save_model
+from cryoprior.nn.drvae_features import joint_features, lowpass_inputs, ssnr_first
 from cryoprior.nn.models.drvae import DRVAE, DRVAEDenoiser, vae_loss
 from cryoprior.nn.training import epoch_seed, train_loop
 
 log = logging.getLogger(__name__)
 
-CLUSTER_ON = ("denoised", "latent")
-FIRST_CLUSTERING = ("network", "lowpass")
+CLUSTER_ON = ("denoised", "latent", "both")
+FIRST_CLUSTERING = ("network", "lowpass", "ssnr")
 PSEUDO_TARGETS = ("denoised", "raw")
 CHUNK = 4096
 
@@ -82,8 +84,9 @@ class DRVAEConfig:
     size_tolerance: float = field(default=0.5, metadata={"help": "BSK class sizes may range over (1 ± τ)·n/K; 0: exactly balanced (the paper)"})
     reliable_fraction: float = field(default=0.5, metadata={"help": "fraction of each class nearest its centre given a pseudo-target"})
     target_weight: float = field(default=1.0, metadata={"help": "weight of the pseudo-target loss"})
-    cluster_on: str = field(default="latent", metadata={"choices": list(CLUSTER_ON), "help": "what BSK-means++ clusters (--align: always the denoised images)"})
-    first_clustering: str = field(default="network", metadata={"choices": list(FIRST_CLUSTERING), "help": "what the first clustering sees: what --cluster-on says (network), or the network inputs Gaussian low-passed by --lowpass-sigma (lowpass)"})
+    cluster_on: str = field(default="latent", metadata={"choices": list(CLUSTER_ON), "help": "what BSK-means++ clusters: the latent means, the denoised images, or both: the denoised images next to the inputs low-passed by --lowpass-sigma (joint_features); with --align: their sum for both, else the denoised images"})
+    denoised_weight: float = field(default=0.5, metadata={"help": "with --cluster-on both: weight of the denoised images against the low-passed inputs"})
+    first_clustering: str = field(default="network", metadata={"choices": list(FIRST_CLUSTERING), "help": "what the first clustering sees: what --cluster-on says (network), the network inputs Gaussian low-passed by --lowpass-sigma (lowpass), or (ssnr) k-means of those refined by BSK-means with SSNR-regularised centres on the inputs (ssnr_bsk; with --align: as lowpass)"})
     lowpass_sigma_px: float = field(default=1.5, metadata={"flag": "--lowpass-sigma", "help": "real-space width of the low-pass of --first-clustering lowpass, input px"})
     warm_start: bool = field(default=False, metadata={"help": "each clustering after the first starts from the previous round's classes (no new k-means++ seeding)"})
     bsk_restarts: int = field(default=3, metadata={"help": "k-means++ seedings of BSK-means++, the lowest inertia kept"})
@@ -106,8 +109,8 @@ class DRVAEConfig:
             raise InputError(f"--net-box must be an even number of pixels (0: the input's), got {self.net_box}")
         if min(self.warmup_steps, self.round_steps, self.max_shift_px) < 0:
             raise InputError("--warmup-steps, --round-steps and --max-shift must be >= 0")
-        if not (self.beta >= 0 and self.target_weight >= 0 and self.vae_lr > 0):
-            raise InputError("--kl-beta and --target-weight must be >= 0, --vae-lr > 0")
+        if not (self.beta >= 0 and self.target_weight >= 0 and self.denoised_weight >= 0 and self.vae_lr > 0):
+            raise InputError("--kl-beta, --target-weight and --denoised-weight must be >= 0, --vae-lr > 0")
         if not 0 <= self.size_tolerance <= 1:
             raise InputError(f"--size-tolerance must be in [0, 1], got {self.size_tolerance}")
         if not 0 < self.reliable_fraction <= 1 or not 0 <= self.stop_fraction <= 1:
@@ -238,21 +241,20 @@ def aligned_bsk(images: torch.Tensor, k: int, seed: int, max_shift: int, n_angle
     return new, angle.numpy().astype(np.float64), move.numpy(), centres, own
 
 
-def lowpass_inputs(x: torch.Tensor, sigma_net_px: float) -> torch.Tensor:
-    """The network inputs ``(n, 1, b, b)`` Gaussian low-passed (``sigma_net_px``, working-box px)
-    and normalised again per image: what the first clustering sees with ``--first-clustering lowpass``."""
-    return normalize_images(gaussian_lowpass(x, sigma_net_px, ndim=2))
-
-
 def cluster_round(vae: DRVAE, x: torch.Tensor, config: DRVAEConfig, seed: int, device, max_shift_net: int,
-                  features: torch.Tensor | None = None, previous: Assignment | None = None) -> Assignment:
+                  features: torch.Tensor | None = None, previous: Assignment | None = None,
+                  clustered: tuple | None = None, lowpassed: torch.Tensor | None = None) -> Assignment:
     """Cluster the current denoised images (or latent means; or ``features`` ``(n, 1, b, b)`` when
-    given), pick the reliable samples, build targets. ``previous``: start from its classes."""
+    given), pick the reliable samples, build targets. ``previous``: start from its classes;
+    ``clustered``: ``(labels, seen, centres)`` of a clustering already made (not with ``align``);
+    ``lowpassed``: the low-passed inputs (``--cluster-on both``)."""
     k, n = config.classes, len(x)
     mu, denoised = encode_all(vae, x, config.vae_batch_size * 4, device)
     values = denoised if config.pseudo_targets == "denoised" else x  # (n, 1, b, b)
     if config.align:
         seen = denoised if features is None else features
+        if features is None and config.cluster_on == "both":  # one image: the sum of the two parts
+            seen = torch.as_tensor(joint_features(lowpassed, denoised, config.denoised_weight, summed=True))
         labels, angles, shifts, _, own = aligned_bsk(seen[:, 0], k, seed, max_shift_net,
                                                         size_tolerance=config.size_tolerance, init=previous,
                                                         n_init=config.align_restarts)
@@ -261,12 +263,17 @@ def cluster_round(vae: DRVAE, x: torch.Tensor, config: DRVAEConfig, seed: int, d
                            torch.as_tensor(shifts), k, centre=False)
         targets = _in_own_frame(averages, labels, angles, shifts)
     else:
-        if features is not None:
-            seen = features.reshape(n, -1).numpy()
+        if clustered is not None:
+            labels, seen, centres = clustered
         else:
-            seen = mu.numpy() if config.cluster_on == "latent" else denoised.reshape(n, -1).numpy()
-        labels, centres = bsk_means(seen, k, seed, n_init=config.bsk_restarts, size_tolerance=config.size_tolerance,
-                                    init_labels=None if previous is None else previous.labels)
+            if features is not None:
+                seen = features.reshape(n, -1).numpy()
+            elif config.cluster_on == "both":
+                seen = joint_features(lowpassed, denoised, config.denoised_weight)
+            else:
+                seen = mu.numpy() if config.cluster_on == "latent" else denoised.reshape(n, -1).numpy()
+            labels, centres = bsk_means(seen, k, seed, n_init=config.bsk_restarts, size_tolerance=config.size_tolerance,
+                                        init_labels=None if previous is None else previous.labels)
         reliable = reliable_mask(seen, labels, centres, config.reliable_fraction)
         averages = torch.as_tensor(class_averages(values[:, 0].numpy(), labels, k))
         targets = averages[torch.as_tensor(labels)][:, None]
@@ -356,6 +363,8 @@ def train_drvae(stack: ParticleStack, config: DRVAEConfig, run_dir: str | Path, 
     prep = prepare(stack, b)
     scale = stack.box / b
     max_shift_net = math.ceil(config.max_shift_px / scale) if config.align else 0
+    lowpassed = (lowpass_inputs(prep.x, config.lowpass_sigma_px / scale)
+                 if config.first_clustering != "network" or config.cluster_on == "both" else None)
     torch.manual_seed(config.seed)
     vae = new_vae(config, b).to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=config.vae_lr)
@@ -369,11 +378,14 @@ def train_drvae(stack: ParticleStack, config: DRVAEConfig, run_dir: str | Path, 
         if path.is_file():
             assignment = _load_assignment(path)
         else:
-            features = None
-            if r == 1 and config.first_clustering == "lowpass":
-                features = lowpass_inputs(prep.x, config.lowpass_sigma_px / scale)
+            features = clustered = None
+            if r == 1 and config.first_clustering != "network":
+                features = lowpassed
+                if config.first_clustering == "ssnr" and not config.align:
+                    clustered = ssnr_first(prep.x, lowpassed, config.classes, config.seed + r, config.size_tolerance)
             start = assignment if config.warm_start and assignment is not None else None
-            assignment = cluster_round(vae, prep.x, config, config.seed + r, device, max_shift_net, features, start)
+            assignment = cluster_round(vae, prep.x, config, config.seed + r, device, max_shift_net, features, start,
+                                       clustered, lowpassed)
             if prev is not None:  # class j keeps its number from round to round
                 _relabel(assignment, prev, config.classes)
             _save_assignment(path, assignment)

@@ -19,6 +19,7 @@ one cluster to another). Starting from a greedy "largest regret first" balanced 
 from the previous round's labels, few exchanges are needed, and each costs ``O(nk + k^3)``.
 
 :func:`reliable_mask` then keeps, within each cluster, the samples nearest to its centre.
+:func:`ssnr_bsk` is the same loop on images with centres regularised by their half-set SSNR.
 """
 
 from __future__ import annotations
@@ -218,6 +219,37 @@ def bsk_means(
             best = (objective, labels, centres.astype(np.float32))
     assert best is not None
     return best[1], best[2]
+
+
+def ssnr_bsk(images, k: int, labels, size_tolerance: float = 0.0, max_iter: int = 30
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """BSK-means on images ``(n, d, d)`` started from ``labels`` ``(n,)``, whose centres are the class
+    averages regularised per shell by their half-set spectral SNR (``averages.ssnr_wiener_averages``
+    with ctf ≡ 1, as RELION regularises its 2D references): the distance to a centre then weighs
+    each frequency by that class's SSNR (a matched filter), where a fixed low-pass weighs all alike.
+
+    Returns ``(labels (n,) int64, centres (k, d*d) float32)``; sizes within :func:`size_bounds`.
+    """
+    from cryoprior.classical.cluster.averages import (
+        ctf_class_sums,
+        half_set_labels,
+        ssnr_wiener_averages,
+    )
+
+    images = np.asarray(images, dtype=np.float32)
+    x = images.reshape(len(images), -1).astype(np.float64)
+    k = check_k(k, len(x))
+    labels = np.asarray(labels, dtype=np.int64)
+    ones = np.ones_like(images)
+    for _ in range(max_iter):
+        num2, den2 = ctf_class_sums(images, ones, half_set_labels(labels, k), 2 * k)
+        centres = ssnr_wiener_averages(num2, den2).reshape(k, -1)
+        new = balanced_assignment(squared_distances(x, centres), labels, size_tolerance=size_tolerance)
+        done = np.array_equal(new, labels)
+        labels = new
+        if done:
+            break
+    return labels, centres.astype(np.float32)
 
 
 def reliable_mask(x, labels, centres, fraction: float) -> np.ndarray:
