@@ -99,7 +99,8 @@ def test_beta_large_collapses_to_prior_and_zero_reconstructs(beta, tmp_path):
 # ---------------------------------------------------------------------------------- the rounds
 def test_reliable_samples_are_nearest_their_class_and_targets_are_averages(sim, tmp_path):
     stack = ParticleStack.from_file(sim)
-    cfg = DRVAEConfig(**TINY, max_rounds=1, reliable_fraction=0.25, cluster_on="denoised")
+    cfg = DRVAEConfig(**TINY, max_rounds=1, reliable_fraction=0.25, cluster_on="denoised",
+                      first_clustering="network")  # round 1 on the warm-up network's images
     train_drvae(stack, cfg, tmp_path / "run", "cpu")
     z = np.load(tmp_path / "run" / "rounds" / "round_01.npz")
     labels, reliable, targets = z["labels"], z["reliable"], z["targets"][:, 0]
@@ -155,7 +156,7 @@ def test_lowpass_first_clustering_and_warm_start(sim, tmp_path):
     stack = ParticleStack.from_file(sim)
     # no training at all: the first clustering is BSK-means++ on the low-passed inputs
     cfg = DRVAEConfig(**{**TINY, "warmup_steps": 0, "round_steps": 0}, max_rounds=2, stop_fraction=0.0,
-                      first_clustering="lowpass", lowpass_sigma_px=2.0, warm_start=True)
+                      first_clustering="lowpass", lowpass_sigma_px=2.0, warm_start=True, cluster_on="latent")
     train_drvae(stack, cfg, tmp_path / "run", "cpu")
     first = np.load(tmp_path / "run" / "rounds" / "round_01.npz")["labels"]
     prep = drvae.prepare(stack, 16)

@@ -13,10 +13,11 @@
    its class average (of the denoised images, or of the network inputs, ``pseudo_targets``; moved
    into the image's own frame when aligned) as a pseudo-target with weight ``target_weight``;
    training goes on for ``round_steps``. The rounds stop when fewer than ``stop_fraction`` of the
-   particles change class, or after ``max_rounds`` clusterings. Options (off by default; what the
-   clusterings see: ``nn.drvae_features``): the first clustering on the low-passed inputs
-   (``first_clustering`` ``lowpass``/``ssnr``), later ones on the denoised images next to the
-   low-passed inputs (``cluster_on="both"``) and started from the previous classes (``warm_start``).
+   particles change class, or after ``max_rounds`` clusterings. What the clusterings see
+   (``nn.drvae_features``; the defaults, chosen on development structures): the first the
+   low-passed inputs refined with SSNR-regularised centres (``first_clustering="ssnr"``), later
+   ones the denoised images next to the low-passed inputs (``cluster_on="both"``), each started
+   from the previous classes (``warm_start``); ``latent``/``network`` give the paper's choice.
 
 Every training phase runs in :func:`cryoprior.nn.training.train_loop` with its own checkpoint
 (``checkpoints/round_00.pt`` for the warm-up, ``round_RR.pt`` after clustering ``RR``), and each
@@ -84,11 +85,11 @@ class DRVAEConfig:
     size_tolerance: float = field(default=0.5, metadata={"help": "BSK class sizes may range over (1 ± τ)·n/K; 0: exactly balanced (the paper)"})
     reliable_fraction: float = field(default=0.5, metadata={"help": "fraction of each class nearest its centre given a pseudo-target"})
     target_weight: float = field(default=1.0, metadata={"help": "weight of the pseudo-target loss"})
-    cluster_on: str = field(default="latent", metadata={"choices": list(CLUSTER_ON), "help": "what BSK-means++ clusters: the latent means, the denoised images, or both: the denoised images next to the inputs low-passed by --lowpass-sigma (joint_features); with --align: their sum for both, else the denoised images"})
+    cluster_on: str = field(default="both", metadata={"choices": list(CLUSTER_ON), "help": "what BSK-means++ clusters: the latent means, the denoised images, or both: the denoised images next to the inputs low-passed by --lowpass-sigma (joint_features); with --align: their sum for both, else the denoised images"})
     denoised_weight: float = field(default=0.5, metadata={"help": "with --cluster-on both: weight of the denoised images against the low-passed inputs"})
-    first_clustering: str = field(default="network", metadata={"choices": list(FIRST_CLUSTERING), "help": "what the first clustering sees: what --cluster-on says (network), the network inputs Gaussian low-passed by --lowpass-sigma (lowpass), or (ssnr) k-means of those refined by BSK-means with SSNR-regularised centres on the inputs (ssnr_bsk; with --align: as lowpass)"})
+    first_clustering: str = field(default="ssnr", metadata={"choices": list(FIRST_CLUSTERING), "help": "what the first clustering sees: what --cluster-on says (network), the network inputs Gaussian low-passed by --lowpass-sigma (lowpass), or (ssnr) k-means of those refined by BSK-means with SSNR-regularised centres on the inputs (ssnr_bsk; with --align: as lowpass)"})
     lowpass_sigma_px: float = field(default=1.5, metadata={"flag": "--lowpass-sigma", "help": "real-space width of the low-pass of --first-clustering lowpass, input px"})
-    warm_start: bool = field(default=False, metadata={"help": "each clustering after the first starts from the previous round's classes (no new k-means++ seeding)"})
+    warm_start: bool = field(default=True, metadata={"help": "each clustering after the first starts from the previous round's classes (no new k-means++ seeding)"})
     bsk_restarts: int = field(default=3, metadata={"help": "k-means++ seedings of BSK-means++, the lowest inertia kept"})
     align_restarts: int = field(default=1, metadata={"help": "with --align: align-kmeans seedings of the first clustering, the lowest aligned cost kept"})
     pseudo_targets: str = field(default="denoised", metadata={"choices": list(PSEUDO_TARGETS), "help": "class averages of the denoised images or of the network inputs"})
