@@ -14,10 +14,9 @@
    into the image's own frame when aligned) as a pseudo-target with weight ``target_weight``;
    training goes on for ``round_steps``. The rounds stop when fewer than ``stop_fraction`` of the
    particles change class, or after ``max_rounds`` clusterings. What the clusterings see
-   (``nn.drvae_features``; the defaults, chosen on development structures): the first the
-   low-passed inputs refined with SSNR-regularised centres (``first_clustering="ssnr"``), later
-   ones the denoised images next to the low-passed inputs (``cluster_on="both"``), each started
-   from the previous classes (``warm_start``); ``latent``/``network`` give the paper's choice.
+   (``nn.drvae_features``; defaults chosen on development structures): first the low-passed inputs
+   with SSNR-regularised centres (``first_clustering="ssnr"``), then the denoised images next to
+   them (``cluster_on="both"``), each from the previous classes (``warm_start``).
 
 Every training phase runs in :func:`cryoprior.nn.training.train_loop` with its own checkpoint
 (``checkpoints/round_00.pt`` for the warm-up, ``round_RR.pt`` after clustering ``RR``), and each
