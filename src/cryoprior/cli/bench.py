@@ -1,36 +1,6 @@
 """Benchmarks (JSON out): speed and memory figures as ratios against a baseline in the same run.
 
-  startup   seconds from process start to the end of `cryoprior --help`, `cryoprior
-            relion-external --help` and `cryoprior --version`, against `python -c "import torch"`
-  io        stream a particle stack through ParticleStack.chunks (images/s, peak RSS) against a
-            plain mrcfile memory map read
-  simulate  simulate particles with CTF (images/s) against the projection alone
-  cdae      the CDAE paper's protocol: PSNR and clustering F1 for every denoiser and clustering
-            method against the oracle, over SNR 0.1/0.05/0.01 and in-plane rotations
-  red       Gaussian vs RED vs CW-RED reconstruction: FSC-to-truth and half-map resolutions, and
-            known-pose timing (10,000 64² particles; 2,000 with --quick) against
-            core.projection.reconstruct and cryoDRGN's backproject_voxel when the cryodrgn
-            command is installed (pip install cryodrgn; optional, GPL-3)
-  gan       the robust-GAN paper's experiments on a five-conformation adenylate kinase set:
-            MSE/PSNR/SSIM of NLM, low-pass, Wiener, l2/l1-AE and four GANs at SNR 0.1/0.05,
-            Huber contamination, Isomap + k-means of the conformations, inference speed
-  relion    RELION 3.1 auto-refine with its own M-step vs --external_reconstruct with
-            cryoprior relion-external (gaussian, red, cw-red) on held-out simulated stacks:
-            reported and true resolution, iterations, wall time; and cryoprior reconstruct vs
-            relion_reconstruct at known poses (needs relion_refine_mpi, mpirun)
-  drvae     DRVAE + BSK-means++ against low-pass/PCA k-means, align-kmeans, BSK on raw images,
-            RELION Class2D (when relion_refine is on the PATH) and the oracle: F1, accuracy, NMI,
-            class-size ratio, time, over views / in-plane+shift / CTF / conformation settings
-
-example:
-  cryoprior bench startup
-  cryoprior bench io --n 100000 --box 128 --out bench_io.json
-  cryoprior bench simulate --n 10000 --box 128 --out bench_sim.json
-  cryoprior bench cdae --quick --out bench_cdae.json
-  cryoprior bench red --quick --out bench_red.json
-  cryoprior bench gan --quick --out bench_gan.json
-  cryoprior bench relion --quick --out bench_relion.json
-  cryoprior bench drvae --quick --out bench_drvae.json
+The command's --help text is :data:`HELP` (the module docstring's first line is its summary).
 """
 
 from __future__ import annotations
@@ -63,6 +33,42 @@ BENCHES: dict[str, tuple[str, dict, dict]] = {
               {"n": 400, "box": 64, "quick": True, "out_dir": "bench_drvae_quick"}),
 }
 MODEL_BENCHES = ("red", "relion")  # the ones that take a trained 3D prior (--model)
+
+
+HELP = """Benchmarks (JSON out): speed and memory figures as ratios against a baseline in the same run.
+
+  startup   seconds from process start to the end of `cryoprior --help`, `cryoprior
+            relion-external --help` and `cryoprior --version`, against `python -c "import torch"`
+  io        stream a particle stack through ParticleStack.chunks (images/s, peak RSS) against a
+            plain mrcfile memory map read
+  simulate  simulate particles with CTF (images/s) against the projection alone
+  cdae      the CDAE paper's protocol: PSNR and clustering F1 for every denoiser and clustering
+            method against the oracle, over SNR 0.1/0.05/0.01 and in-plane rotations
+  red       Gaussian vs RED vs CW-RED reconstruction: FSC-to-truth and half-map resolutions, and
+            known-pose timing (10,000 64² particles; 2,000 with --quick) against
+            core.projection.reconstruct and cryoDRGN's backproject_voxel when the cryodrgn
+            command is installed (pip install cryodrgn; optional, GPL-3)
+  gan       the robust-GAN paper's experiments on a five-conformation adenylate kinase set:
+            MSE/PSNR/SSIM of NLM, low-pass, Wiener, l2/l1-AE and four GANs at SNR 0.1/0.05,
+            Huber contamination, Isomap + k-means of the conformations, inference speed
+  relion    RELION 3.1 auto-refine with its own M-step vs --external_reconstruct with
+            cryoprior relion-external (gaussian, red, cw-red) on held-out simulated stacks:
+            reported and true resolution, iterations, wall time; and cryoprior reconstruct vs
+            relion_reconstruct at known poses (needs relion_refine_mpi, mpirun)
+  drvae     DRVAE + BSK-means++ against low-pass/PCA k-means, align-kmeans, BSK on raw images,
+            RELION Class2D (when relion_refine is on the PATH) and the oracle: F1, accuracy, NMI,
+            class-size ratio, time, over views / in-plane+shift / CTF / conformation settings
+
+example:
+  cryoprior bench startup
+  cryoprior bench io --n 100000 --box 128 --out bench_io.json
+  cryoprior bench simulate --n 10000 --box 128 --out bench_sim.json
+  cryoprior bench cdae --quick --out bench_cdae.json
+  cryoprior bench red --quick --out bench_red.json
+  cryoprior bench gan --quick --out bench_gan.json
+  cryoprior bench relion --quick --out bench_relion.json
+  cryoprior bench drvae --quick --out bench_drvae.json
+"""
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

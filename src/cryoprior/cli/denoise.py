@@ -1,5 +1,27 @@
 """Train a particle-image denoiser (CDAE, single DAE, DnCNN, robust GAN, DRVAE) or apply a trained one.
 
+The command's --help text is :data:`HELP` (the module docstring's first line is its summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cryoprior.config import add_config_args, config_from_args
+from cryoprior.io.star import OpticsFlags
+from cryoprior.nn.cdae import CDAEConfig
+from cryoprior.nn.cdae_generic import GenericCDAEConfig, train_generic
+from cryoprior.nn.denoiser import PRECISIONS
+from cryoprior.nn.dncnn import SHARED_FIELDS, DnCNNConfig
+from cryoprior.nn.drvae import DRVAEConfig
+from cryoprior.nn.gan import GANConfig
+from cryoprior.nn.training import DEVICES
+from cryoprior.workflows import denoise as pipeline
+
+
+HELP = """Train a particle-image denoiser (CDAE, single DAE, DnCNN, robust GAN, DRVAE) or apply a trained one.
+
   train  --method cdae: fine-tune a cascade of 3 denoising autoencoders on --target towards
          k-NN means (no clean images needed): without --pretrain the shipped generic CDAE
          (many structures, CTF; the stack is phase-flipped and resampled to its 1.25 Å pixel);
@@ -32,29 +54,13 @@ example:
   cryoprior denoise train --method drvae --target particles.star --classes 4 --out run_drvae
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-
-from cryoprior.config import add_config_args, config_from_args
-from cryoprior.io.star import OpticsFlags
-from cryoprior.nn.cdae import CDAEConfig
-from cryoprior.nn.cdae_generic import GenericCDAEConfig, train_generic
-from cryoprior.nn.denoiser import PRECISIONS
-from cryoprior.nn.dncnn import SHARED_FIELDS, DnCNNConfig
-from cryoprior.nn.drvae import DRVAEConfig
-from cryoprior.nn.gan import GANConfig
-from cryoprior.nn.training import DEVICES
-from cryoprior.workflows import denoise as pipeline
-
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
     fmt = argparse.RawDescriptionHelpFormatter
     train = sub.add_parser("train", help="train a denoiser into a run folder", formatter_class=fmt,
-                           description=__doc__)
+                           description=HELP)
     train.add_argument("--method", choices=pipeline.METHODS, default="cdae", help="denoiser (default: cdae)")
     train.add_argument("--pretrain", metavar="SIM_DIR", help="simulated folder with SNR levels (cdae without it: "
                        "fine-tune the shipped generic CDAE)")
@@ -74,13 +80,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_config_args(train.add_argument_group("DRVAE"), DRVAEConfig, skip=("seed",))
 
     generic = sub.add_parser("pretrain-generic", help="train the generic CDAE (as the shipped one)",
-                             formatter_class=fmt, description=__doc__)
+                             formatter_class=fmt, description=HELP)
     generic.add_argument("--out", required=True, metavar="DIR", help="folder for model.pt, model.json, checkpoints/")
     generic.add_argument("--device", choices=DEVICES, default="auto", help="default: auto")
     add_config_args(generic, GenericCDAEConfig)
 
     apply = sub.add_parser("apply", help="denoise a particle stack with a trained model", formatter_class=fmt,
-                           description=__doc__)
+                           description=HELP)
     apply.add_argument("input", metavar="IN.star", help="particle stack (STAR/MRCS)")
     apply.add_argument("--model", required=True, metavar="RUN_DIR", help="a `denoise train` run folder")
     apply.add_argument("--out", required=True, metavar="DIR", help="output folder to create")

@@ -87,7 +87,7 @@ def build_parser(command: str | None = None, *, all_commands: bool = False) -> a
         p = sub.add_parser(
             name,
             help=SUMMARIES.get(name) or (doc.splitlines()[0] if doc else None),
-            description=doc,
+            description=getattr(module, "HELP", doc).strip(),  # a longer --help text where a module has one
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_args(p)

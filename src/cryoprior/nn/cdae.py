@@ -15,11 +15,8 @@
    move each weight by ~10× the learning rate.
 3. Optional **histogram equalisation** of the final output (rank-based, per image).
 
-Deviation from the paper: the depth follows the particle (:func:`with_depth`: as many encoder
-modules as keep the receptive field within half the diameter; two for the paper's geometry, not
-three), since a block that sees the whole particle learns the pre-training views as templates
-(``--widths 32 64 128`` restores the paper's; measurements in ``docs/benchmarks.md``, CDAE). The
-ablation **single DAE** is one block, no pre-training. Blocks work on per-image normalised images;
+Deviation from the paper: the depth follows the particle (:func:`with_depth`; ``--widths 32 64
+128`` restores the paper's). The ablation **single DAE** is one block, no pre-training. Blocks work on per-image normalised images;
 :func:`~cryoprior.nn.denoiser.denoise_images` returns the clean estimate in the input's units.
 
 >>> run = train_cdae("sim_pretrain/", "particles.star", CDAEConfig(), "runs/cdae", "auto")  # doctest: +SKIP
@@ -203,7 +200,12 @@ def with_depth(config: CDAEConfig, images, pixel_size_a: float | None = None) ->
     """``config`` with ``widths`` set from the particle diameter when it is None: ``8 · 2**i`` channels
     for the number of modules :func:`~cryoprior.nn.cdae_ops.modules_for_diameter` allows, the
     diameter from ``particle_diameter_a`` (needs ``pixel_size_a``) or estimated from ``images``
-    ``(n, d, d)``. A config with widths is returned unchanged."""
+    ``(n, d, d)``. A config with widths is returned unchanged.
+
+    This deviates from the paper's fixed three modules: as many encoder modules as keep the
+    receptive field within half the diameter (two for the paper's geometry), since a block that
+    sees the whole particle learns the pre-training views as templates (measurements in
+    ``docs/benchmarks.md``, CDAE)."""
     if config.widths is not None:
         return config
     if config.particle_diameter_a is not None and pixel_size_a:

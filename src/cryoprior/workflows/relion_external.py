@@ -19,15 +19,8 @@ never an error, since any non-zero exit makes RELION abort the whole MPI job
 :func:`run_external`). A τ²/FSC table that does not cover every shell is the exception: that
 request is corrupt, we exit non-zero and remove any result left from an earlier call.
 
-B / K arrive in RELION's FFT scale (forward transforms divided by the 2D image size, so ``B / K``
-is our ``fft2c`` scale divided by ``d²``). The update is the one of :mod:`cryoprior.recon.mstep`:
-τ² from the FSC (eq. 12, full-set FSC for a map without ``_half1``/``_half2`` in its name, by
-RELION's ``sqrt(2f / (1 + f))`` unless ``--full-set-fsc ssnr``), no prior below shell
-``minres_map`` (RELION's default 5, as RELION passes none), or,
-with ``tau2=star`` or when the FSC is empty (classification), RELION's own τ² with its
-correction ``pad³ · T``. The result is cropped to ``d``, gridding-corrected and written
-atomically (a unique temporary file beside it, then a rename), as is the τ² STAR; nothing
-else is written.
+The update is the one of :mod:`cryoprior.recon.mstep` (scales, τ² sources and what is written:
+:func:`_run_job`); results are written atomically, nothing else is written.
 """
 
 from __future__ import annotations
@@ -130,7 +123,7 @@ class RelionExternalConfig:
 
 
 def load_accumulator(job: ExternalJob, device: torch.device | str = "cpu") -> Accumulator:
-    """B and K of the job on our centred grid and scale (B × d², see the module docstring)."""
+    """B and K of the job on our centred grid and scale (B × d², see :func:`_run_job`)."""
     p = job.pad * job.ori_size
     shape = (p, p, p // 2 + 1)
     real, imag, weight = (read_grid(f, shape) for f in (job.data_real, job.data_imag, job.weight))
@@ -183,6 +176,14 @@ def run_external(star: str | Path, config: RelionExternalConfig | None = None) -
 
 
 def _run_job(job: ExternalJob, cfg: RelionExternalConfig) -> Path:
+    """The update of one request. B / K arrive in RELION's FFT scale (forward transforms divided by
+    the 2D image size, so ``B / K`` is our ``fft2c`` scale divided by ``d²``). τ² from the FSC
+    (eq. 12, full-set FSC for a map without ``_half1``/``_half2`` in its name, by RELION's
+    ``sqrt(2f / (1 + f))`` unless ``--full-set-fsc ssnr``), no prior below shell ``minres_map``
+    (RELION's default 5, as RELION passes none), or, with ``tau2=star`` or when the FSC is empty
+    (classification), RELION's own τ² with its correction ``pad³ · T``. The result is cropped to
+    ``d``, gridding-corrected and written atomically (a unique temporary file beside it, then a
+    rename), as is the τ² STAR."""
     pixel, where = job_pixel_size(job, cfg.pixel_size_a)
     if pixel is None:
         log.warning("%s: pixel size unknown (%s; set --pixel-size or %s)%s", job.star, where, ENV["pixel_size_a"],
