@@ -19,7 +19,6 @@ from cryoprior.nn.gan import GANConfig
 from cryoprior.nn.training import DEVICES
 from cryoprior.workflows import denoise as pipeline
 
-
 HELP = """Train a particle-image denoiser (CDAE, single DAE, DnCNN, robust GAN, DRVAE) or apply a trained one.
 
   train  --method cdae: fine-tune a cascade of 3 denoising autoencoders on --target towards
