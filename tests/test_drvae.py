@@ -325,18 +325,49 @@ def test_bench_reuses_relion_rows_only_for_the_same_stacks(tmp_path):
     from cryoprior.errors import InputError
 
     row = {"f1": 0.5, "accuracy": 0.5, "nmi": 0.1, "size_ratio": 0.4, "seconds": 80.0}
-    old = {"n": 400, "box": 64, "quick": True, "relion_iterations": 10,  # no seed/settings: a run before they were saved
+    old = {"n": 400, "box": 64, "seed": 0, "relion_iterations": 10, "stack_seeding": bench.STACK_SEEDING,
            "grid": {"views-snr0.05": {"1h4a": {"rows": {"relion-class2d": row}}},
                     "views-snr0.01": {"1h4a": {"rows": {"relion-class2d": {"skipped": "no relion"}}}}}}
     path = tmp_path / "bench_drvae.json"
     path.write_text(json.dumps(old))
-    rows = bench._earlier_relion_rows(path, 400, 64, 0, 10, True, ["views-snr0.05", "views-snr0.01"])
+    rows = bench._earlier_relion_rows(path, 400, 64, 0, 10)
     assert rows == {("views-snr0.05", "1h4a"): {**row, "reused_from": str(path)}}  # a skipped row is not reused
-    assert bench._earlier_relion_rows(None, 400, 64, 0, 10, True, ["views-snr0.05"]) == {}
-    # other stacks (n, seed, the settings' order that seeds them) or another RELION run: refused
-    for args in [(200, 64, 0, 10, True, ["views-snr0.05", "views-snr0.01"]),
-                 (400, 64, 1, 10, True, ["views-snr0.05", "views-snr0.01"]),
-                 (400, 64, 0, 25, True, ["views-snr0.05", "views-snr0.01"]),
-                 (400, 64, 0, 10, True, ["views-snr0.01", "views-snr0.05"])]:
+    assert bench._earlier_relion_rows(None, 400, 64, 0, 10) == {}
+    # other stacks (n, seed) or another RELION run: refused
+    for args in [(200, 64, 0, 10), (400, 64, 1, 10), (400, 64, 0, 25)]:
         with pytest.raises(InputError, match="other"):
             bench._earlier_relion_rows(path, *args)
+    # a run from before the stacks were seeded by setting and structure (seeded by their order): refused
+    path.write_text(json.dumps({k: v for k, v in old.items() if k != "stack_seeding"}))
+    with pytest.raises(InputError, match="stack_seeding"):
+        bench._earlier_relion_rows(path, 400, 64, 0, 10)
+
+
+def test_bench_resumes_finished_jobs_and_seeds_stacks_by_setting(tmp_path, monkeypatch):
+    """A rerun with the same arguments takes the finished jobs from ``out_dir/jobs`` (nothing is
+    simulated or scored again), and a setting's stack is the same whichever other settings and
+    structures run with it, so a partial grid scores the particles of the full one."""
+    from cryoprior.bench import drvae as bench
+
+    simulated = []
+
+    def fake_simulate(setting, structure, n, box, seed, out):
+        simulated.append((setting, structure, seed))
+        return [None] * n, np.zeros(n, dtype=np.int64), 4
+
+    def fake_evaluate(stack, truth, k, kind, work, seed, drvae, relion_iterations, relion_row=None):
+        return {"oracle": {"f1": 1.0, "accuracy": 1.0, "nmi": 1.0, "size_ratio": 1.0, "seconds": 0.0}}
+
+    monkeypatch.setattr(bench, "_simulate", fake_simulate)
+    monkeypatch.setattr(bench, "evaluate", fake_evaluate)
+    settings = ["views-snr0.05", "inplane-snr0.01", "conformations-snr0.05"]
+    full = bench.run(n=10, settings=settings, out_dir=tmp_path / "a")
+    assert len(simulated) == 2 * 3 + 1  # conformations: one job (1ake+4ake), not one per structure
+    assert len({seed for *_, seed in simulated}) == len(simulated)
+    again = bench.run(n=10, settings=settings, out_dir=tmp_path / "a")
+    assert len(simulated) == 7 and again["grid"] == full["grid"]  # resumed: nothing ran again
+    part = bench.run(n=10, settings=["inplane-snr0.01"], structures=["1pwc"], out_dir=tmp_path / "b")
+    assert simulated[-1] == ("inplane-snr0.01", "1pwc", full["grid"]["inplane-snr0.01"]["1pwc"]["stack_seed"])
+    assert part["grid"]["inplane-snr0.01"]["1pwc"] == full["grid"]["inplane-snr0.01"]["1pwc"]
+    with pytest.raises(Exception, match="unknown setting or test structure 3q4o"):
+        bench.run(n=10, settings=["views-snr0.05"], structures=["3q4o"])

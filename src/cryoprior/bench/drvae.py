@@ -43,6 +43,7 @@ from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores, match_labels
 from cryoprior.core.rotations import rotate_images
 from cryoprior.errors import InputError
+from cryoprior.fileutil import atomic_path
 from cryoprior.io.stack import ParticleStack
 from cryoprior.nn.cdae_ops import flipped_images
 from cryoprior.nn.drvae import DRVAEConfig, train_drvae
@@ -70,6 +71,9 @@ SETTINGS: dict[str, tuple[float, str]] = {
     "conformations-snr0.05": (0.05, "conf"),
     "conformations-70-30-snr0.05": (0.05, "conf-70-30"),
 }
+ORACLE_SEEDINGS = 10
+#: how stacks are seeded (``_stack_seed``); runs before it seeded them by their place in the run
+STACK_SEEDING = "by-setting-and-structure"
 QUICK_SETTINGS = ("views-snr0.05", "views-snr0.01", "inplane-snr0.05", "conformations-70-30-snr0.05")
 
 
@@ -144,8 +148,8 @@ def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: P
         out = fn()
         return out, time.perf_counter() - t0
 
-    if aligned:
-        labels, s = timed(lambda: align_kmeans(clean, k, seed, max_shift=MAX_SHIFT_PX)[0])
+    if aligned:  # 10 seedings: with 3, aligned k-means of clean images can stop in a local minimum (F1 0.585)
+        labels, s = timed(lambda: align_kmeans(clean, k, seed, max_shift=MAX_SHIFT_PX, n_init=ORACLE_SEEDINGS)[0])
     else:
         labels, s = timed(lambda: cluster(clean, k, "kmeans", seed))
     rows["oracle"] = _row(truth, labels, k, s)
@@ -195,19 +199,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _earlier_relion_rows(path: str | Path | None, n: int, box: int, seed: int, relion_iterations: int, quick: bool,
-                         settings: list[str]) -> dict:
+def _earlier_relion_rows(path: str | Path | None, n: int, box: int, seed: int, relion_iterations: int) -> dict:
     """``{(setting, structure): row}`` of RELION from an earlier ``bench_drvae.json`` run with the
-    same ``n``, ``box``, ``seed``, RELION iterations, ``quick`` and settings in the same order (the
-    simulated stacks, seeded by their place in the run, are then the same); an InputError when
-    they differ."""
+    same ``n``, ``box``, ``seed``, RELION iterations and stack seeding (the simulated stacks are
+    then the same); an InputError when they differ."""
     if path is None:
         return {}
     old = json.loads(Path(path).read_text())
-    same = {"n": n, "box": box, "seed": seed, "relion_iterations": relion_iterations, "quick": quick,
-            "settings": settings}
-    old.setdefault("seed", 0)
-    old.setdefault("settings", list(old.get("grid", {})))
+    same = {"n": n, "box": box, "seed": seed, "relion_iterations": relion_iterations, "stack_seeding": STACK_SEEDING}
     differ = [key for key, value in same.items() if old.get(key) != value]
     if differ:
         raise InputError(f"was run with other {', '.join(differ)}; its RELION rows are not for these stacks", path)
@@ -215,31 +214,60 @@ def _earlier_relion_rows(path: str | Path | None, n: int, box: int, seed: int, r
             for s, per in old["grid"].items() for t, rows in per.items() if "f1" in rows["rows"].get("relion-class2d", {})}
 
 
+def _stack_seed(seed: int, setting: str, structure: str) -> int:
+    """The simulation seed of a stack: fixed by the setting and structure (``STACK_SEEDING``)."""
+    return seed + 10 + 100 * list(SETTINGS).index(setting) + TESTS.index(structure)
+
+
+def _job_file(out_dir: Path, setting: str, structure: str, key: dict) -> Path:
+    """Where a finished (setting, structure) job's rows are kept, so that a rerun resumes."""
+    tag = "_".join(f"{k}{v}" for k, v in key.items())
+    return out_dir / "jobs" / f"{setting}_{structure}_{tag}.json"
+
+
 def run(n: int = 2000, box: int = 64, quick: bool = False, out_dir: str | Path | None = None, seed: int = 0,
         settings: list[str] | None = None, relion_iterations: int | None = None,
-        relion_from: str | Path | None = None) -> dict:
+        relion_from: str | Path | None = None, structures: list[str] | None = None) -> dict:
     """The grid with ``n`` particles per stack (``quick``: ``QUICK_SETTINGS`` on the first test
-    structure, RELION with 10 iterations instead of 25). Writes ``bench_drvae.json``/``.md`` to
-    ``out_dir`` when given. ``relion_from``: an earlier ``bench_drvae.json`` of the same ``n``,
-    ``box``, ``seed`` and RELION iterations whose RELION rows are taken instead of running RELION
-    again on the settings it holds (the stacks are simulated from the same seeds)."""
+    structure, RELION with 10 iterations instead of 25; ``structures``: a subset of ``TESTS``).
+    Writes ``bench_drvae.json``/``.md`` to ``out_dir`` when given, and each finished job to
+    ``out_dir/jobs/``: a rerun with the same arguments takes those instead of running them again.
+    ``relion_from``: an earlier ``bench_drvae.json`` of the same ``n``, ``box``, ``seed`` and RELION
+    iterations whose RELION rows are taken instead of running RELION again on the settings it
+    holds (the stacks are simulated from the same seeds)."""
     settings = list(settings or (QUICK_SETTINGS if quick else SETTINGS))
+    unknown = sorted(set(settings) - set(SETTINGS)) + sorted(set(structures or ()) - set(TESTS))
+    if unknown:
+        raise InputError(f"bench drvae: unknown setting or test structure {', '.join(unknown)}")
     relion_iterations = relion_iterations or (10 if quick else 25)
-    earlier = _earlier_relion_rows(relion_from, n, box, seed, relion_iterations, quick, settings)
+    earlier = _earlier_relion_rows(relion_from, n, box, seed, relion_iterations)
     drvae = DRVAEConfig()
-    jobs = [(s, t) for s in settings for t in TESTS if not (quick or SETTINGS[s][1].startswith("conf")) or t == TESTS[0]]
+    tests = list(structures or (TESTS[:1] if quick else TESTS))
+    jobs = [(s, t) for s in settings for t in tests if not SETTINGS[s][1].startswith("conf") or t == tests[0]]
     t_start = time.perf_counter()
     grid: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench_drvae_") as tmp:
-        for i, (setting, structure) in enumerate(progress(jobs, "bench drvae")):
-            work = Path(tmp) / f"{setting}_{structure}"
-            stack, truth, k = _simulate(setting, structure, n, box, seed + 10 + i, work / "sim")
+        for setting, structure in progress(jobs, "bench drvae"):
+            # the stack's seed follows the setting and structure, not the job's place in the run
+            stack_seed = _stack_seed(seed, setting, structure)
             name = "+".join(CONFORMATIONS) if SETTINGS[setting][1].startswith("conf") else structure
+            key = {"n": n, "box": box, "seed": stack_seed, "relion": relion_iterations}
+            done = _job_file(Path(out_dir), setting, name, key) if out_dir is not None else None
+            if done is not None and done.exists():
+                grid.setdefault(setting, {})[name] = json.loads(done.read_text())
+                continue
+            work = Path(tmp) / f"{setting}_{structure}"
+            stack, truth, k = _simulate(setting, structure, n, box, stack_seed, work / "sim")
             rows = evaluate(stack, truth, k, SETTINGS[setting][1], work, seed, drvae, relion_iterations,
                             earlier.get((setting, name)))
-            grid.setdefault(setting, {})[name] = {"n": len(stack), "k": k, "rows": rows}
+            grid.setdefault(setting, {})[name] = {"n": len(stack), "k": k, "stack_seed": stack_seed, "rows": rows}
+            if done is not None:
+                done.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(done) as tmp_file:
+                    tmp_file.write_text(json.dumps(grid[setting][name], indent=1))
     result = {
-        "n": n, "box": box, "seed": seed, "quick": quick, "settings": settings, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "n": n, "box": box, "seed": seed, "stack_seeding": STACK_SEEDING, "quick": quick, "settings": settings, "structures": tests,
+        "threads": torch.get_num_threads(), "machine": platform.machine(),
         "dev_structure": DEV_STRUCTURE, "test_structures": list(TESTS), "relion_iterations": relion_iterations,
         "drvae_config": dataclasses.asdict(drvae), "grid": grid, "total_seconds": round(time.perf_counter() - t_start, 1),
     }
