@@ -45,7 +45,7 @@ from cryoprior.core.rotations import rotate_images
 from cryoprior.errors import InputError
 from cryoprior.fileutil import atomic_path
 from cryoprior.io.stack import ParticleStack
-from cryoprior.nn.cdae_ops import flipped_images
+from cryoprior.nn.cdae_ops import flip_by_star, flipped_images
 from cryoprior.nn.drvae import DRVAEConfig, train_drvae
 from cryoprior.progress import progress
 from cryoprior.sim.dataset import SimulationConfig, discrete_view_rotations, simulate_dataset
@@ -132,27 +132,43 @@ def _row(truth: np.ndarray, labels: np.ndarray, k: int, seconds: float, **extra)
             "size_ratio": round(float(sizes.min() / max(sizes.max(), 1)), 3), "seconds": round(seconds, 1), **extra}
 
 
+def clean_images(stack: ParticleStack) -> np.ndarray:
+    """The stack's clean images ``(n, d, d)``, normalised per image and, with CTF columns,
+    phase-flipped as every row's input is (the simulator's clean images carry the CTF: unflipped,
+    k-means splits them by defocus, not by view)."""
+    clean = torch.as_tensor(stack.read_image_column("cpCleanImageName"))
+    if stack.has_column("rlnDefocusU"):
+        clean = flip_by_star(stack, clean)
+    return normalize_images(clean).numpy()
+
+
+def oracle_row(clean: np.ndarray, truth: np.ndarray, k: int, aligned: bool, seed: int) -> dict:
+    """The ceiling: k-means (with in-plane angles: align-kmeans, ``ORACLE_SEEDINGS`` seedings,
+    since with 3 aligned k-means of clean images can stop in a local minimum) on the clean images."""
+    t0 = time.perf_counter()
+    if aligned:
+        labels = align_kmeans(clean, k, seed, max_shift=MAX_SHIFT_PX, n_init=ORACLE_SEEDINGS)[0]
+    else:
+        labels = cluster(clean, k, "kmeans", seed)
+    return _row(truth, labels, k, time.perf_counter() - t0)
+
+
 def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: Path, seed: int, drvae: DRVAEConfig,
              relion_iterations: int, relion_row: dict | None = None) -> dict:
     """Every row of the grid on one stack (``relion_row``: RELION's row from an earlier run on the
     same stack, taken instead of running it again)."""
     raw, _ = flipped_images(stack)  # every row sees phase-flipped images (with CTF), as classify gives them
     x = normalize_images(raw).numpy()
-    clean = normalize_images(torch.as_tensor(stack.read_image_column("cpCleanImageName"))).numpy()
+    clean = clean_images(stack)
     aligned = kind in ("inplane", "ctf")
     true_views = class_averages(clean, truth, k)
-    rows: dict = {}
+    rows: dict = {"oracle": oracle_row(clean, truth, k, aligned, seed)}
 
     def timed(fn):
         t0 = time.perf_counter()
         out = fn()
         return out, time.perf_counter() - t0
 
-    if aligned:  # 10 seedings: with 3, aligned k-means of clean images can stop in a local minimum (F1 0.585)
-        labels, s = timed(lambda: align_kmeans(clean, k, seed, max_shift=MAX_SHIFT_PX, n_init=ORACLE_SEEDINGS)[0])
-    else:
-        labels, s = timed(lambda: cluster(clean, k, "kmeans", seed))
-    rows["oracle"] = _row(truth, labels, k, s)
     cfg = dataclasses.replace(drvae, classes=k, seed=seed, align=aligned, max_shift_px=MAX_SHIFT_PX if aligned else 0)
     result, s = timed(lambda: train_drvae(stack, cfg, work / "drvae", "cpu"))
     rows["drvae-bsk"] = _row(truth, result.labels, k, s, rounds=len(result.curves["rounds"]),
