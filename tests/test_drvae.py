@@ -371,3 +371,31 @@ def test_bench_resumes_finished_jobs_and_seeds_stacks_by_setting(tmp_path, monke
     assert part["grid"]["inplane-snr0.01"]["1pwc"] == full["grid"]["inplane-snr0.01"]["1pwc"]
     with pytest.raises(Exception, match="unknown setting or test structure 3q4o"):
         bench.run(n=10, settings=["views-snr0.05"], structures=["3q4o"])
+
+
+def test_align_path_ends_with_ml2d_within_the_size_bounds(tmp_path):
+    """With --align the last clustering's classes are refined by ML2D (``ml2d_refine`` of the last
+    round's assignment, on the network inputs), the sizes stay within BSK's bounds, and 0
+    iterations leave the last round's labels."""
+    from cryoprior.classical.cluster.bsk import size_bounds
+    from cryoprior.nn.drvae_features import ml2d_refine
+
+    out = tmp_path / "sim"
+    simulate_dataset(SimulationConfig(structures=["1ake"], box=32, pixel_size_a=2.0, n=160, views=4, inplane=True,
+                                      snr=0.3, seed=4), out)
+    stack = ParticleStack.from_file(out / "particles.star")
+    truth = stack.column("cpViewLabel").astype(np.int64)
+    cfg = DRVAEConfig(**{**TINY, "warmup_steps": 0, "round_steps": 0}, max_rounds=1, align=True, ml2d_iterations=5)
+    result = train_drvae(stack, cfg, tmp_path / "run", "cpu")
+    last = drvae._load_assignment(tmp_path / "run" / "rounds" / "round_01.npz")
+    expected = ml2d_refine(drvae.prepare(stack, 16).x[:, 0], last, 4, 0, 5, cfg.size_tolerance)
+    np.testing.assert_array_equal(result.labels, expected.labels)
+    np.testing.assert_allclose(result.angles, expected.angles)
+    curves = json.loads((tmp_path / "run" / "curves.json").read_text())
+    assert curves["ml2d"]["changed_fraction"] == pytest.approx(float((expected.labels != last.labels).mean()), abs=1e-5)
+    low, high = size_bounds(len(truth), 4, cfg.size_tolerance)
+    assert low <= np.bincount(result.labels, minlength=4).min() and np.bincount(result.labels).max() <= high
+    assert classification_scores(truth, result.labels)["f1"] >= classification_scores(truth, last.labels)["f1"] - 0.02
+    off = train_drvae(stack, DRVAEConfig(**{**TINY, "warmup_steps": 0, "round_steps": 0}, max_rounds=1, align=True,
+                                         ml2d_iterations=0), tmp_path / "off", "cpu")
+    np.testing.assert_array_equal(off.labels, last.labels)

@@ -21,6 +21,7 @@ the mean regularised per shell by its half-set SSNR as RELION's 2D references ar
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import platform
@@ -247,7 +248,8 @@ def run(n: int = 2000, box: int = 64, quick: bool = False, out_dir: str | Path |
     """The grid with ``n`` particles per stack (``quick``: ``QUICK_SETTINGS`` on the first test
     structure, RELION with 10 iterations instead of 25; ``structures``: a subset of ``TESTS``).
     Writes ``bench_drvae.json``/``.md`` to ``out_dir`` when given, and each finished job to
-    ``out_dir/jobs/``: a rerun with the same arguments takes those instead of running them again.
+    ``out_dir/jobs/``: a rerun with the same arguments and DRVAE defaults takes those instead of
+    running them again.
     ``relion_from``: an earlier ``bench_drvae.json`` of the same ``n``, ``box``, ``seed`` and RELION
     iterations whose RELION rows are taken instead of running RELION again on the settings it
     holds (the stacks are simulated from the same seeds)."""
@@ -258,6 +260,7 @@ def run(n: int = 2000, box: int = 64, quick: bool = False, out_dir: str | Path |
     relion_iterations = relion_iterations or (10 if quick else 25)
     earlier = _earlier_relion_rows(relion_from, n, box, seed, relion_iterations)
     drvae = DRVAEConfig()
+    config_tag = hashlib.sha1(json.dumps(dataclasses.asdict(drvae), sort_keys=True).encode()).hexdigest()[:8]
     tests = list(structures or (TESTS[:1] if quick else TESTS))
     jobs = [(s, t) for s in settings for t in tests if not SETTINGS[s][1].startswith("conf") or t == tests[0]]
     t_start = time.perf_counter()
@@ -267,7 +270,7 @@ def run(n: int = 2000, box: int = 64, quick: bool = False, out_dir: str | Path |
             # the stack's seed follows the setting and structure, not the job's place in the run
             stack_seed = _stack_seed(seed, setting, structure)
             name = "+".join(CONFORMATIONS) if SETTINGS[setting][1].startswith("conf") else structure
-            key = {"n": n, "box": box, "seed": stack_seed, "relion": relion_iterations}
+            key = {"n": n, "box": box, "seed": stack_seed, "relion": relion_iterations, "drvae": config_tag}
             done = _job_file(Path(out_dir), setting, name, key) if out_dir is not None else None
             if done is not None and done.exists():
                 grid.setdefault(setting, {})[name] = json.loads(done.read_text())

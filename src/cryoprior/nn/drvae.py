@@ -53,7 +53,7 @@ from cryoprior.fileutil import atomic_path
 from cryoprior.io.relion import ctf_from_star
 from cryoprior.io.stack import ParticleStack
 from cryoprior.nn.denoiser import denoise_tensor, read_model_file, save_model
-from cryoprior.nn.drvae_features import joint_features, lowpass_inputs, ssnr_first
+from cryoprior.nn.drvae_features import joint_features, lowpass_inputs, ml2d_refine, ssnr_first
 from cryoprior.nn.models.drvae import DRVAE, DRVAEDenoiser, vae_loss
 from cryoprior.nn.training import epoch_seed, train_loop
 
@@ -90,6 +90,7 @@ class DRVAEConfig:
     lowpass_sigma_px: float = field(default=1.5, metadata={"flag": "--lowpass-sigma", "help": "real-space width of the low-pass of --first-clustering lowpass, input px"})
     warm_start: bool = field(default=True, metadata={"help": "each clustering after the first starts from the previous round's classes (no new k-means++ seeding)"})
     bsk_restarts: int = field(default=3, metadata={"help": "k-means++ seedings of BSK-means++, the lowest inertia kept"})
+    ml2d_iterations: int = field(default=15, metadata={"help": "with --align: EM steps of ML2D (classes and in-plane poses marginalised, as RELION's Class2D) that refine the last clustering's classes; 0: off"})
     align_restarts: int = field(default=1, metadata={"help": "with --align: align-kmeans seedings of the first clustering, the lowest aligned cost kept"})
     pseudo_targets: str = field(default="denoised", metadata={"choices": list(PSEUDO_TARGETS), "help": "class averages of the denoised images or of the network inputs"})
     align: bool = field(default=False, metadata={"help": "cluster up to in-plane rotation (and --max-shift)"})
@@ -107,8 +108,8 @@ class DRVAEConfig:
             raise InputError(f"--vae-widths must be positive, got {self.vae_widths}")
         if self.net_box < 0 or self.net_box % 2:
             raise InputError(f"--net-box must be an even number of pixels (0: the input's), got {self.net_box}")
-        if min(self.warmup_steps, self.round_steps, self.max_shift_px) < 0:
-            raise InputError("--warmup-steps, --round-steps and --max-shift must be >= 0")
+        if min(self.warmup_steps, self.round_steps, self.max_shift_px, self.ml2d_iterations) < 0:
+            raise InputError("--warmup-steps, --round-steps, --max-shift and --ml2d-iterations must be >= 0")
         if not (self.beta >= 0 and self.target_weight >= 0 and self.denoised_weight >= 0 and self.vae_lr > 0):
             raise InputError("--kl-beta, --target-weight and --denoised-weight must be >= 0, --vae-lr > 0")
         if not 0 <= self.size_tolerance <= 1:
@@ -404,11 +405,17 @@ def train_drvae(stack: ParticleStack, config: DRVAEConfig, run_dir: str | Path, 
             break
         record["loss"] = train_phase(vae, opt, prep.x, config, config.round_steps, config.seed + 7919 * r, device,
                                       run / "checkpoints" / f"round_{r:02d}.pt", f"drvae round {r}", assignment)
+    assert assignment is not None
+    if config.align and config.ml2d_iterations > 0:
+        last = assignment.labels
+        assignment = ml2d_refine(prep.x[:, 0], assignment, config.classes, max_shift_net, config.ml2d_iterations,
+                                 config.size_tolerance)
+        curves["ml2d"] = {"iterations": config.ml2d_iterations, "changed_fraction": round(float((assignment.labels != last).mean()), 5),
+                          "class_sizes": np.bincount(assignment.labels, minlength=config.classes).tolist()}
     with atomic_path(run / "curves.json") as tmp:
         tmp.write_text(json.dumps(curves, indent=2))
     save_model(run / "model.pt", "drvae", model_arch(config, b), DRVAEDenoiser(b, vae=vae),
                {**asdict(config), "input_box": stack.box, "ctf": prep.ctf})
-    assert assignment is not None
     return DRVAEResult(assignment.labels, assignment.angles, assignment.shifts.astype(np.float64) * scale,
                        vae.eval(), prep, curves)
 

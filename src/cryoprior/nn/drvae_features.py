@@ -6,15 +6,22 @@
   centres regularised by their half-set spectral SNR (``cluster.bsk.ssnr_bsk``).
 - :func:`joint_features`: ``--cluster-on both``: the denoised images next to the low-passed inputs,
   so that a clustering of the network's output keeps each image's own evidence.
+- :func:`ml2d_refine`: with ``--align``, the last clustering's classes refined by ML2D
+  (``--ml2d-iterations``), within BSK's size bounds.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import torch
 
-from cryoprior.classical.cluster.bsk import ssnr_bsk
+from cryoprior.classical.cluster.align import aligned_averages, aligned_costs, alignment_mask
+from cryoprior.classical.cluster.bsk import balanced_assignment, ssnr_bsk
 from cryoprior.classical.cluster.kmeans import kmeans
+from cryoprior.classical.cluster.ml2d import ml2d
 from cryoprior.core.filters import gaussian_lowpass, normalize_images
 
 
@@ -48,3 +55,21 @@ def joint_features(lowpassed: torch.Tensor, denoised: torch.Tensor, denoised_wei
     if summed:
         return (parts[0] + parts[1]).astype(np.float32)
     return np.concatenate([p.reshape(n, -1) for p in parts], axis=1).astype(np.float32)
+
+
+def ml2d_refine(x: torch.Tensor, assignment, k: int, max_shift: int, iterations: int, size_tolerance: float,
+                n_angles: int = 36):
+    """``assignment`` (an ``nn.drvae.Assignment`` with poses) refined by ``iterations`` EM steps of
+    ML2D on the network inputs ``x`` ``(n, b, b)``, started from its aligned class averages. The
+    labels maximise the summed log posterior within BSK's size bounds (``size_tolerance``); each
+    image's pose is then its best one against its class's refined average."""
+    start = aligned_averages(x, torch.as_tensor(assignment.labels), torch.as_tensor(assignment.angles, dtype=torch.float32),
+                             torch.as_tensor(assignment.shifts), k, centre=max_shift > 0)
+    _, posterior, averages, _, _ = ml2d(x, start, n_angles=n_angles, max_shift=max_shift, iterations=iterations)
+    labels = balanced_assignment(-np.log(np.clip(posterior, 1e-300, None)), size_tolerance=size_tolerance)
+    mask = alignment_mask(x.shape[-1])
+    grid = torch.arange(n_angles, dtype=torch.float32) * (2 * math.pi / n_angles)
+    _, rot, shift = aligned_costs(x * mask, torch.as_tensor(averages), grid, mask, max_shift)
+    pick = torch.as_tensor(labels)[:, None]
+    return dataclasses.replace(assignment, labels=labels.astype(np.int64), angles=grid[rot.gather(1, pick)[:, 0]].numpy().astype(np.float64),
+                               shifts=shift[torch.arange(len(labels)), torch.as_tensor(labels)].numpy())

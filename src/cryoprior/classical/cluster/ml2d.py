@@ -1,0 +1,106 @@
+"""Maximum-likelihood 2D classification with marginalisation over in-plane poses (Scheres et al.
+2005, "ML2D"; the core of RELION's Class2D): soft ``align_kmeans``.
+
+Each image is modelled as a class average rotated by one of ``n_angles`` angles, moved by an
+integer shift up to ``max_shift`` px, plus white Gaussian noise of variance σ² per pixel. The
+E-step gives every image a posterior over (class, angle, shift); the M-step makes each average
+the posterior-weighted mean of the images brought back into its frame and re-estimates σ² and the
+class weights. Hard k-means takes only the best pose and class, which at low SNR locks in wrong
+alignments; the posterior keeps them uncertain until the averages settle. Images and averages
+are seen through the soft circular mask of ``align_kmeans``. What RELION adds (a per-frequency
+noise spectrum, τ² regularisation of the averages, CTF) is not here: the inputs are white-noise
+images (phase-flipped, Fourier-cropped particles).
+
+>>> labels, posterior, averages, angles, shifts = ml2d(images, averages0, max_shift=2)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from cryoprior.core.rotations import rotate_images
+
+from .align import _centred, _rotations, alignment_mask
+
+__all__ = ["ml2d"]
+
+
+def _shifts(max_shift: int) -> list[tuple[int, int]]:
+    return [(dy, dx) for dy in range(-max_shift, max_shift + 1) for dx in range(-max_shift, max_shift + 1)]
+
+
+def _log_weights(x: torch.Tensor, t: torch.Tensor, sigma2: float, log_prior: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Unnormalised log posterior ``(n, S, k, R)`` of every shift, class and angle for masked images
+    ``x`` ``(n, d, d)`` against masked rotated averages ``t`` ``(k, R, d, d)``."""
+    n = len(x)
+    k, r = t.shape[:2]
+    tt = t.reshape(k * r, -1)
+    tn = (tt * tt).sum(1)
+    xn = (x * x).sum((1, 2))[:, None]
+    out = torch.empty((n, len(_shifts(max_shift)), k, r), dtype=torch.float64)
+    for j, (dy, dx) in enumerate(_shifts(max_shift)):
+        rolled = torch.roll(x, (-dy, -dx), dims=(1, 2)).reshape(n, -1)
+        cost = (xn + tn - 2 * rolled @ tt.T).reshape(n, k, r)
+        out[:, j] = (-cost / (2 * sigma2)).double() + log_prior[None, :, None]
+    return out
+
+
+def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: int = 10
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Refine class ``averages`` ``(k, d, d)`` of ``images`` ``(n, d, d)`` by ``iterations`` EM steps
+    with marginalisation over ``n_angles`` in-plane angles and integer shifts up to ``max_shift``.
+
+    Returns ``(labels (n,) int64: the class of largest marginal posterior, posterior (n, k), averages
+    (k, d, d), angles (n,) rad, shifts (n, 2) int (dx, dy) px)``, the poses being each image's most
+    probable one in its class, in ``align_kmeans``' convention. Deterministic (no random draws);
+    start it from a hard classification's averages (``align_kmeans``, ``aligned_bsk``).
+    """
+    images = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+    centres = torch.as_tensor(np.asarray(averages), dtype=torch.float32).clone()
+    if images.ndim != 3 or images.shape[1] != images.shape[2] or centres.shape[1:] != images.shape[1:]:
+        raise ValueError(f"ml2d needs images (n, d, d) and averages (k, d, d) of one size, got "
+                         f"{tuple(images.shape)} and {tuple(centres.shape)}")
+    if not 0 <= max_shift < images.shape[-1] // 2:
+        raise ValueError(f"max_shift must be in 0..{images.shape[-1] // 2 - 1} px, got {max_shift}")
+    n, d, _ = images.shape
+    k = len(centres)
+    mask = alignment_mask(d)
+    x = images * mask
+    angles = torch.arange(n_angles, dtype=torch.float32) * (2 * math.pi / n_angles)
+    shifts = _shifts(max_shift)
+    log_prior = torch.full((k,), -math.log(k), dtype=torch.float64)
+    # σ² from the hard fit of the starting averages: the mean best residual per masked pixel
+    t = _rotations(centres, angles) * mask
+    logw = _log_weights(x, t, 1.0, log_prior, max_shift)
+    best_cost = -2 * (logw - log_prior[None, None, :, None]).amax(dim=(1, 2, 3))
+    pixels = float((mask * mask).sum())
+    sigma2 = max(float(best_cost.mean()) / pixels, 1e-12)
+    for _ in range(iterations):
+        t = _rotations(centres, angles) * mask
+        logw = _log_weights(x, t, sigma2, log_prior, max_shift)
+        w = torch.softmax(logw.reshape(n, -1), dim=1).reshape(logw.shape).float()  # (n, S, k, R)
+        # M-step: Σ_i w_iskr · roll(image_i, -shift_s), then each (k, r) sum rotated back by -angle_r
+        sums = torch.zeros((k, n_angles, d * d))
+        for j, (dy, dx) in enumerate(shifts):
+            rolled = torch.roll(images, (-dy, -dx), dims=(1, 2)).reshape(n, -1)
+            sums += torch.einsum("nkr,np->krp", w[:, j], rolled)
+        back = rotate_images(sums.reshape(k * n_angles, 1, d, d), -angles.repeat(k)).reshape(k, n_angles, d, d)
+        mass = w.sum(dim=(0, 1, 3)).clamp(min=1e-12)  # (k,)
+        centres = back.sum(1) / mass[:, None, None]
+        if max_shift > 0:
+            centres = _centred(centres)
+        # σ²: the posterior-expected residual per masked pixel; class weights: their posterior mass
+        cost = -2 * sigma2 * (logw - log_prior[None, None, :, None])
+        sigma2 = max(float((w.double() * cost).sum()) / (n * pixels), 1e-12)
+        log_prior = torch.log((mass / n).double().clamp(min=1e-12))
+    t = _rotations(centres, angles) * mask
+    logw = _log_weights(x, t, sigma2, log_prior, max_shift)
+    posterior = torch.softmax(logw.reshape(n, -1), dim=1).reshape(logw.shape).sum(dim=(1, 3))
+    labels = posterior.argmax(1)
+    own = logw[torch.arange(n), :, labels].reshape(n, -1).argmax(1)  # the best (shift, angle) in its class
+    pose_shift = torch.tensor([(dx, dy) for dy, dx in shifts], dtype=torch.long)[own // n_angles]
+    return (labels.numpy().astype(np.int64), posterior.numpy(), centres.numpy(),
+            angles[own % n_angles].numpy().astype(np.float64), pose_shift.numpy())
