@@ -8,7 +8,8 @@ of K=4 reference viewing directions; a conformational mix
 DRVAE's defaults were chosen on ``DEV_STRUCTURE`` (3q4o), which the grid does not use.
 
 Rows: ``drvae-bsk`` (its defaults; with in-plane angles ``--align --max-shift 3``), low-pass +
-k-means, PCA + k-means, ``align-kmeans`` (±3 px), BSK-means++ on the raw images,
+k-means, PCA + k-means, ``align-kmeans`` (±3 px) and, with in-plane angles, align-kmeans refined
+by ML2D as drvae-bsk's last step is (``align-kmeans-ml2d``), BSK-means++ on the raw images,
 ``relion-class2d`` (when ``relion_refine`` is on the PATH) and the oracle (k-means, or
 align-kmeans with in-plane angles, on the clean images). CDAE rows are in ``bench cdae``, on a
 grid of its own (its pre-training would double the time); they are not repeated here.
@@ -40,6 +41,7 @@ from cryoprior.classical.cluster.averages import (
     half_set_labels,
     ssnr_wiener_averages,
 )
+from cryoprior.classical.cluster.ml2d import ml2d
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores, match_labels
 from cryoprior.core.rotations import rotate_images
@@ -180,8 +182,11 @@ def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: P
     rows["lowpass-kmeans"] = _row(truth, labels, k, s)
     labels, s = timed(lambda: cluster(x, k, "pca-kmeans", seed))
     rows["pca-kmeans"] = _row(truth, labels, k, s)
-    labels, s = timed(lambda: align_kmeans(x, k, seed, max_shift=MAX_SHIFT_PX)[0])
+    (labels, _, _, averages), s = timed(lambda: align_kmeans(x, k, seed, max_shift=MAX_SHIFT_PX))
     rows["align-kmeans"] = _row(truth, labels, k, s)
+    if aligned:  # what ML2D gives without the network: drvae-bsk's last step after align-kmeans
+        labels, s_ml = timed(lambda: ml2d(x, averages, max_shift=MAX_SHIFT_PX, iterations=drvae.ml2d_iterations)[0])
+        rows["align-kmeans-ml2d"] = _row(truth, labels, k, s + s_ml)
     labels, s = timed(lambda: cluster(x, k, "bsk", seed))
     rows["bsk-raw"] = _row(truth, labels, k, s)
     reason = relion_class2d.available()
