@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cryoprior.classical.cluster import align_kmeans, cluster
-from cryoprior.classical.cluster.align import _rotations, aligned_costs, alignment_mask
+from cryoprior.classical.cluster.align import aligned_costs, alignment_mask, rotated_copies
 from cryoprior.cli import main as cli
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores
@@ -113,7 +113,7 @@ def test_aligned_costs_equal_explicit_shifts():
     angles = torch.tensor([0.0, 1.0, 2.5])
     mask = alignment_mask(16)
     cost, rot, shift = aligned_costs(x, centres, angles, mask, max_shift=2, chunk=2)
-    t = _rotations(centres, angles) * mask
+    t = rotated_copies(centres, angles) * mask
     for i in range(5):
         for c in range(2):
             d2 = {(r, dx, dy): float(((x[i] - torch.roll(t[c, r], (dy, dx), dims=(0, 1))) ** 2).sum())

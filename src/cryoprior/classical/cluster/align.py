@@ -33,7 +33,7 @@ def alignment_mask(d: int) -> torch.Tensor:
     return 0.5 * (1 + torch.cos(math.pi * edge))
 
 
-def _rotations(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+def rotated_copies(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """``(k, d, d)`` images → ``(k, R, d, d)``: each rotated by every one of ``angles`` ``(R,)``."""
     k, d, _ = images.shape
     r = len(angles)
@@ -52,7 +52,7 @@ def aligned_costs(x: torch.Tensor, centres: torch.Tensor, angles: torch.Tensor, 
     computes every one of the d² shifts (docs/benchmarks.md, align-kmeans).
     """
     n, d, _ = x.shape
-    t = _rotations(centres, angles) * mask  # (k, R, d, d)
+    t = rotated_copies(centres, angles) * mask  # (k, R, d, d)
     k, r = t.shape[:2]
     tt = t.reshape(k * r, d * d)
     tn = (tt * tt).sum(1)  # (k R,); a circular shift keeps it
@@ -92,10 +92,10 @@ def aligned_averages(images: torch.Tensor, labels: torch.Tensor, angle: torch.Te
     sums = torch.zeros((k, *images.shape[1:]), dtype=images.dtype).index_add_(0, labels, back)
     counts = torch.bincount(labels, minlength=k).clamp(min=1).to(images.dtype)
     averages = sums / counts[:, None, None]
-    return _centred(averages) if centre else averages
+    return centred_averages(averages) if centre else averages
 
 
-def _centred(averages: torch.Tensor) -> torch.Tensor:
+def centred_averages(averages: torch.Tensor) -> torch.Tensor:
     """Each average rolled so that the centre of mass of its positive part is at the box centre
     (as RELION's ``--center_classes``): with a shift search the references could drift out of
     the mask otherwise."""

@@ -23,7 +23,7 @@ import torch
 
 from cryoprior.core.rotations import rotate_images
 
-from .align import _centred, _rotations, alignment_mask
+from .align import alignment_mask, centred_averages, rotated_copies
 
 __all__ = ["ml2d"]
 
@@ -73,13 +73,13 @@ def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: i
     shifts = _shifts(max_shift)
     log_prior = torch.full((k,), -math.log(k), dtype=torch.float64)
     # σ² from the hard fit of the starting averages: the mean best residual per masked pixel
-    t = _rotations(centres, angles) * mask
+    t = rotated_copies(centres, angles) * mask
     logw = _log_weights(x, t, 1.0, log_prior, max_shift)
     best_cost = -2 * (logw - log_prior[None, None, :, None]).amax(dim=(1, 2, 3))
     pixels = float((mask * mask).sum())
     sigma2 = max(float(best_cost.mean()) / pixels, 1e-12)
     for _ in range(iterations):
-        t = _rotations(centres, angles) * mask
+        t = rotated_copies(centres, angles) * mask
         logw = _log_weights(x, t, sigma2, log_prior, max_shift)
         w = torch.softmax(logw.reshape(n, -1), dim=1).reshape(logw.shape).float()  # (n, S, k, R)
         # M-step: Σ_i w_iskr · roll(image_i, -shift_s), then each (k, r) sum rotated back by -angle_r
@@ -91,12 +91,12 @@ def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: i
         mass = w.sum(dim=(0, 1, 3)).clamp(min=1e-12)  # (k,)
         centres = back.sum(1) / mass[:, None, None]
         if max_shift > 0:
-            centres = _centred(centres)
+            centres = centred_averages(centres)
         # σ²: the posterior-expected residual per masked pixel; class weights: their posterior mass
         cost = -2 * sigma2 * (logw - log_prior[None, None, :, None])
         sigma2 = max(float((w.double() * cost).sum()) / (n * pixels), 1e-12)
         log_prior = torch.log((mass / n).double().clamp(min=1e-12))
-    t = _rotations(centres, angles) * mask
+    t = rotated_copies(centres, angles) * mask
     logw = _log_weights(x, t, sigma2, log_prior, max_shift)
     posterior = torch.softmax(logw.reshape(n, -1), dim=1).reshape(logw.shape).sum(dim=(1, 3))
     labels = posterior.argmax(1)
