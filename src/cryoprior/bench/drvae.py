@@ -36,11 +36,7 @@ import torch
 from cryoprior import classical
 from cryoprior.bench.common import write_result
 from cryoprior.classical.cluster import align_kmeans, class_averages, cluster
-from cryoprior.classical.cluster.averages import (
-    ctf_class_sums,
-    half_set_labels,
-    ssnr_wiener_averages,
-)
+from cryoprior.classical.cluster.averages import ssnr_averages
 from cryoprior.classical.cluster.ml2d import ml2d
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores, match_labels
@@ -121,13 +117,6 @@ def _average_corr(true_views: np.ndarray, averages: np.ndarray, truth: np.ndarra
     return round(float(np.mean([_rot_corr(true_views[t], averages[p]) for p, t in mapping.items()])), 4)
 
 
-def _regularised_averages(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Class averages of ``x`` ``(n, d, d)`` regularised per shell by their half-set SSNR
-    (``ssnr_wiener_averages`` with ctf ≡ 1), as RELION's 2D references are."""
-    num2, den2 = ctf_class_sums(x, np.ones_like(x), half_set_labels(labels, k), 2 * k)
-    return ssnr_wiener_averages(num2, den2)
-
-
 def _row(truth: np.ndarray, labels: np.ndarray, k: int, seconds: float, **extra) -> dict:
     s = classification_scores(truth, labels)
     sizes = np.bincount(labels, minlength=k)
@@ -176,7 +165,7 @@ def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: P
     result, s = timed(lambda: train_drvae(stack, cfg, work / "drvae", "cpu"))
     rows["drvae-bsk"] = _row(truth, result.labels, k, s, rounds=len(result.curves["rounds"]),
                              average_corr=_average_corr(true_views, class_averages(x, result.labels, k), truth, result.labels),
-                             average_corr_ssnr=_average_corr(true_views, _regularised_averages(x, result.labels, k), truth,
+                             average_corr_ssnr=_average_corr(true_views, ssnr_averages(x, result.labels, k), truth,
                                                              result.labels))
     labels, s = timed(lambda: cluster(normalize_images(torch.as_tensor(classical.denoise(x, "lowpass"))).numpy(), k, "kmeans", seed))
     rows["lowpass-kmeans"] = _row(truth, labels, k, s)

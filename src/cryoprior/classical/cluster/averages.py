@@ -142,3 +142,12 @@ def ssnr_wiener_averages(num2: np.ndarray, den2: np.ndarray, tau2_fudge: float =
     f = torch.where(torch.isfinite(reg), num / (den + torch.where(torch.isfinite(reg), reg, 0.0)), torch.zeros_like(num))
     f[:, box // 2, box // 2] = num[:, box // 2, box // 2] / den[:, box // 2, box // 2].clamp(min=1e-12)  # keep the mean
     return ifft2c(f).real.numpy().astype(np.float32)
+
+
+def ssnr_averages(images, labels, k: int) -> np.ndarray:
+    """Class averages ``(k, d, d)`` of images ``(n, d, d)`` without a CTF, regularised per shell by
+    their half-set spectral SNR (:func:`ssnr_wiener_averages` with ctf ≡ 1), as RELION's 2D
+    references are."""
+    images = np.asarray(images, dtype=np.float32)
+    num2, den2 = ctf_class_sums(images, np.ones_like(images), half_set_labels(labels, k), 2 * k)
+    return ssnr_wiener_averages(num2, den2)

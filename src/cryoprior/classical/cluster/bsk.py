@@ -230,20 +230,14 @@ def ssnr_bsk(images, k: int, labels, size_tolerance: float = 0.0, max_iter: int 
 
     Returns ``(labels (n,) int64, centres (k, d*d) float32)``; sizes within :func:`size_bounds`.
     """
-    from cryoprior.classical.cluster.averages import (
-        ctf_class_sums,
-        half_set_labels,
-        ssnr_wiener_averages,
-    )
+    from cryoprior.classical.cluster.averages import ssnr_averages
 
     images = np.asarray(images, dtype=np.float32)
     x = images.reshape(len(images), -1).astype(np.float64)
     k = check_k(k, len(x))
     labels = np.asarray(labels, dtype=np.int64)
-    ones = np.ones_like(images)
     for _ in range(max_iter):
-        num2, den2 = ctf_class_sums(images, ones, half_set_labels(labels, k), 2 * k)
-        centres = ssnr_wiener_averages(num2, den2).reshape(k, -1)
+        centres = ssnr_averages(images, labels, k).reshape(k, -1)
         new = balanced_assignment(squared_distances(x, centres), labels, size_tolerance=size_tolerance)
         done = np.array_equal(new, labels)
         labels = new

@@ -23,7 +23,7 @@ import torch
 
 from cryoprior.core.rotations import rotate_images
 
-from .align import alignment_mask, centred_averages, rotated_copies
+from .align import aligned_costs, alignment_mask, centred_averages, rotated_copies
 
 __all__ = ["ml2d"]
 
@@ -73,9 +73,7 @@ def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: i
     shifts = _shifts(max_shift)
     log_prior = torch.full((k,), -math.log(k), dtype=torch.float64)
     # σ² from the hard fit of the starting averages: the mean best residual per masked pixel
-    t = rotated_copies(centres, angles) * mask
-    logw = _log_weights(x, t, 1.0, log_prior, max_shift)
-    best_cost = -2 * (logw - log_prior[None, None, :, None]).amax(dim=(1, 2, 3))
+    best_cost = aligned_costs(x, centres, angles, mask, max_shift)[0].amin(dim=1)
     pixels = float((mask * mask).sum())
     sigma2 = max(float(best_cost.mean()) / pixels, 1e-12)
     for _ in range(iterations):
