@@ -49,7 +49,7 @@ def test_averages_converge_to_the_templates_from_a_poor_start():
     start = t + 2.5 * float(t.std()) * torch.randn(t.shape, generator=gen)
     mask = alignment_mask(32).numpy()
     assert max(_corr(start[i], t[i], mask) for i in range(2)) < 0.6
-    labels, posterior, averages, angles, _ = ml2d(images, start.numpy(), iterations=5)
+    labels, posterior, averages, angles, *_ = ml2d(images, start.numpy(), iterations=5)
     assert classification_scores(truth, labels)["f1"] == 1.0
     assert np.allclose(posterior.sum(1), 1.0, atol=1e-5)
     assert min(_corr(averages[i], t[i], mask) for i in range(2)) > 0.98
@@ -61,7 +61,7 @@ def test_class_weights_follow_an_imbalanced_truth_and_shifts_are_searched():
     images, truth, t = _stack(160, 0.1, seed=2, fraction_a=0.75)
     gen = np.random.default_rng(3)
     images = np.stack([np.roll(im, tuple(gen.integers(-2, 3, 2)), axis=(0, 1)) for im in images])
-    labels, posterior, averages, angles, shifts = ml2d(images, t.numpy(), max_shift=2, iterations=5)
+    labels, posterior, averages, angles, shifts, _ = ml2d(images, t.numpy(), max_shift=2, iterations=5)
     assert classification_scores(truth, labels)["f1"] == 1.0
     assert abs(posterior[:, 0].mean() - 0.75) < 0.01
     # the poses, in align_kmeans' convention: image ≈ its average rotated by the angle, then moved
@@ -74,6 +74,51 @@ def test_class_weights_follow_an_imbalanced_truth_and_shifts_are_searched():
         return np.mean([_corr(a, b, mask) for a, b in zip(posed, images)])
 
     assert fit([1, 0]) > 0.78 and fit([0, 1]) < 0.7
+
+
+def test_log_likelihood_is_the_gaussian_maximum_and_ranks_solutions():
+    """One class, one angle, no shift: the model is a Gaussian with the mean image and the mean
+    masked residual as σ², whose mean log-likelihood per image is −(P/2)(1 + log 2πσ²), P the
+    mask's weight. And EM's fixed point with both classes the merged mean (a start it cannot leave)
+    scores below the right one on the same images, so runs from different starts compare."""
+    images, truth, t = _stack(60, 0.3, seed=4)
+    mask = alignment_mask(32).numpy()
+    one = ml2d(images, images[:1], n_angles=1, iterations=3)
+    mu = images.mean(0)
+    p = float((mask * mask).sum())
+    sigma2 = float((((images - mu) * mask) ** 2).sum((1, 2)).mean()) / p
+    assert np.allclose(one.averages[0], mu, atol=1e-5)
+    assert one.log_likelihood == pytest.approx(-0.5 * p * (1 + math.log(2 * math.pi * sigma2)), rel=1e-5)
+    right = ml2d(images, t.numpy(), iterations=5)
+    merged = np.stack([images.mean(0)] * 2)
+    wrong = ml2d(images, merged, iterations=5)
+    assert classification_scores(truth, wrong.labels)["f1"] < 0.7
+    assert right.log_likelihood > wrong.log_likelihood + 1.0
+
+
+def test_annealing_leaves_the_fixed_point_and_validates():
+    """From the true templates, deterministic annealing (flatter posteriors first) ends where plain
+    EM does; temperature 1 is plain EM exactly."""
+    images, truth, t = _stack(120, 0.2, seed=5)
+    plain = ml2d(images, t.numpy(), iterations=8)
+    same = ml2d(images, t.numpy(), iterations=8, temperature=1.0, anneal_iterations=4)
+    annealed = ml2d(images, t.numpy(), iterations=12, temperature=8.0, anneal_iterations=6)
+    assert np.array_equal(plain.posterior, same.posterior)
+    assert classification_scores(truth, annealed.labels)["f1"] == 1.0
+    assert annealed.log_likelihood == pytest.approx(plain.log_likelihood, abs=0.05)
+    with pytest.raises(ValueError, match="temperature"):
+        ml2d(images, t.numpy(), temperature=0.5)
+
+
+def test_regularised_averages_are_closer_to_the_templates():
+    """At low SNR the half-set SSNR (τ²) regularisation of the M-step removes the noise the plain
+    means keep: the averages correlate better with the templates (0.97–0.99 vs 0.93–0.95)."""
+    images, _, t = _stack(80, 0.6, seed=1)
+    mask = alignment_mask(32).numpy()
+    plain = ml2d(images, t.numpy(), iterations=3)
+    regularised = ml2d(images, t.numpy(), iterations=3, regularise=True)
+    for i in range(2):
+        assert _corr(regularised.averages[i], t[i], mask) > _corr(plain.averages[i], t[i], mask) + 0.015
 
 
 def test_ml2d_checks_its_input():

@@ -140,6 +140,20 @@ def test_discrete_views_inplane_and_labels(tmp_path):
     assert dists[~torch.eye(4, dtype=bool)].min() > 60
 
 
+def test_view_spread_fills_a_cap_around_each_view(tmp_path):
+    """--view-spread 15: each viewing direction (read back from the STAR's angles) lies within 15°
+    of its view's, spread uniformly over the cap (median angle arccos(1 − (1 − cos 15°)/2) = 10.6°)."""
+    cfg = SimulationConfig(n=1000, box=32, pixel_size_a=3.0, views=4, inplane=True, view_spread_deg=15, snr=1.0, seed=3)
+    simulate_dataset(cfg, tmp_path / "v")
+    stack = ParticleStack.from_file(tmp_path / "v" / "particles.star")
+    views = stack.column("cpViewLabel")
+    tilt = viewing_direction_distance_deg(poses_from_star(stack), discrete_view_rotations(4, seed=3).float()[views]).numpy()
+    assert tilt.max() < 15.01 and tilt.min() < 2
+    assert np.median(tilt) == pytest.approx(math.degrees(math.acos(1 - (1 - math.cos(math.radians(15))) / 2)), abs=0.6)
+    with pytest.raises(Exception, match="view-spread"):
+        SimulationConfig(views=4, view_spread_deg=-1).validate()
+
+
 @pytest.mark.parametrize("kind", ["A", "B", "C"])
 def test_huber_contamination(tmp_path, kind):
     cfg = SimulationConfig(n=400, box=32, pixel_size_a=3.0, views=4, snr=1.0, contamination=kind,

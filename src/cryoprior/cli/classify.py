@@ -29,7 +29,7 @@ from cryoprior.io.star import OpticsFlags
 from cryoprior.nn.drvae import DRVAEConfig
 from cryoprior.workflows.classify import ClassifyConfig, run_classify
 
-DRVAE_SHARED = ("classes", "seed", "max_shift_px")  # taken from the classify flags
+DRVAE_SHARED = ("classes", "seed", "max_shift_px", "ml2d_iterations", "ml2d_temperature", "ml2d_anneal")  # the classify flags
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     drvae = None
     if args.method == "drvae-bsk":
-        drvae = config_from_args(DRVAEConfig, args, classes=args.classes, seed=args.seed, max_shift_px=args.max_shift_px)
+        drvae = config_from_args(DRVAEConfig, args, **{name: getattr(args, name) for name in DRVAE_SHARED})
     config = config_from_args(ClassifyConfig, args, drvae=drvae)
     result = run_classify(args.input, args.out, config, argv=sys.argv, overwrite=args.overwrite,
                           optics=config_from_args(OpticsFlags, args))

@@ -53,6 +53,7 @@ from cryoprior.fileutil import atomic_path
 from cryoprior.io.relion import ctf_from_star
 from cryoprior.io.stack import ParticleStack
 from cryoprior.nn.denoiser import denoise_tensor, read_model_file, save_model
+import cryoprior.classical.cluster.ml2d as ml2d_defaults
 from cryoprior.nn.drvae_features import joint_features, lowpass_inputs, ml2d_refine, ssnr_first
 from cryoprior.nn.models.drvae import DRVAE, DRVAEDenoiser, vae_loss
 from cryoprior.nn.training import epoch_seed, train_loop
@@ -90,7 +91,9 @@ class DRVAEConfig:
     lowpass_sigma_px: float = field(default=1.5, metadata={"flag": "--lowpass-sigma", "help": "real-space width of the low-pass of --first-clustering lowpass, input px"})
     warm_start: bool = field(default=True, metadata={"help": "each clustering after the first starts from the previous round's classes (no new k-means++ seeding)"})
     bsk_restarts: int = field(default=3, metadata={"help": "k-means++ seedings of BSK-means++, the lowest inertia kept"})
-    ml2d_iterations: int = field(default=15, metadata={"help": "with --align: EM steps of ML2D (classes and in-plane poses marginalised, as RELION's Class2D) that refine the last clustering's classes; 0: off"})
+    ml2d_iterations: int = field(default=ml2d_defaults.ITERATIONS, metadata={"help": "with --align: EM steps of ML2D (classes and in-plane poses marginalised, as RELION's Class2D) that refine the last clustering's classes; 0: off"})
+    ml2d_temperature: float = field(default=ml2d_defaults.TEMPERATURE, metadata={"help": "ML2D's first E-step sees the noise variance times this, falling to 1 over --ml2d-anneal steps (deterministic annealing; 1: plain EM)"})
+    ml2d_anneal: int = field(default=ml2d_defaults.ANNEAL_ITERATIONS, metadata={"help": "ML2D steps over which --ml2d-temperature falls to 1"})
     align_restarts: int = field(default=1, metadata={"help": "with --align: align-kmeans seedings of the first clustering, the lowest aligned cost kept"})
     pseudo_targets: str = field(default="denoised", metadata={"choices": list(PSEUDO_TARGETS), "help": "class averages of the denoised images or of the network inputs"})
     align: bool = field(default=False, metadata={"help": "cluster up to in-plane rotation (and --max-shift)"})
@@ -108,8 +111,10 @@ class DRVAEConfig:
             raise InputError(f"--vae-widths must be positive, got {self.vae_widths}")
         if self.net_box < 0 or self.net_box % 2:
             raise InputError(f"--net-box must be an even number of pixels (0: the input's), got {self.net_box}")
-        if min(self.warmup_steps, self.round_steps, self.max_shift_px, self.ml2d_iterations) < 0:
-            raise InputError("--warmup-steps, --round-steps, --max-shift and --ml2d-iterations must be >= 0")
+        if min(self.warmup_steps, self.round_steps, self.max_shift_px, self.ml2d_iterations, self.ml2d_anneal) < 0:
+            raise InputError("--warmup-steps, --round-steps, --max-shift, --ml2d-iterations and --ml2d-anneal must be >= 0")
+        if self.ml2d_temperature < 1:
+            raise InputError(f"--ml2d-temperature must be >= 1, got {self.ml2d_temperature}")
         if not (self.beta >= 0 and self.target_weight >= 0 and self.denoised_weight >= 0 and self.vae_lr > 0):
             raise InputError("--kl-beta, --target-weight and --denoised-weight must be >= 0, --vae-lr > 0")
         if not 0 <= self.size_tolerance <= 1:
@@ -409,7 +414,8 @@ def train_drvae(stack: ParticleStack, config: DRVAEConfig, run_dir: str | Path, 
     if config.align and config.ml2d_iterations > 0:
         last = assignment.labels
         assignment = ml2d_refine(prep.x[:, 0], assignment, config.classes, max_shift_net, config.ml2d_iterations,
-                                 config.size_tolerance)
+                                 config.size_tolerance, temperature=config.ml2d_temperature,
+                                 anneal_iterations=config.ml2d_anneal)
         curves["ml2d"] = {"iterations": config.ml2d_iterations, "changed_fraction": round(float((assignment.labels != last).mean()), 5),
                           "class_sizes": np.bincount(assignment.labels, minlength=config.classes).tolist()}
     with atomic_path(run / "curves.json") as tmp:

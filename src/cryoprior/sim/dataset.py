@@ -77,6 +77,10 @@ class SimulationConfig:
         default=4, metadata={"help": "K discrete projection directions (--uniform: SO(3))", "metavar": "K"}
     )
     inplane: bool = field(default=False, metadata={"help": "random in-plane angle with --views"})
+    view_spread_deg: float = field(
+        default=0.0, metadata={"flag": "--view-spread", "help": "with --views: tilt each particle's viewing "
+                               "direction from its view's by up to this many degrees (uniform on the cap)"}
+    )
     snr: float = field(default=0.1, metadata={"help": "var(clean) / var(noise)"})
     snr_levels: list[float] = field(
         default_factory=list,
@@ -117,6 +121,8 @@ class SimulationConfig:
             raise InputError(f"n must be positive, got {self.n}")
         if self.views is not None and self.views < 1:
             raise InputError(f"views must be positive, got {self.views}")
+        if not 0 <= self.view_spread_deg <= 180:
+            raise InputError(f"--view-spread must be in [0, 180] degrees, got {self.view_spread_deg}")
         for s in [self.snr, *self.snr_levels]:
             if not s > 0:
                 raise InputError(f"SNR must be positive (inf for clean), got {s}")
@@ -192,6 +198,11 @@ def sample_poses(config: SimulationConfig, generator: torch.Generator, defocus_p
         base = discrete_view_rotations(config.views, config.seed)
         view_t = torch.randint(config.views, (n,), generator=generator)
         rots = base[view_t]
+        if config.view_spread_deg > 0:  # tilt by θ (cos θ uniform: uniform on the cap) about an in-plane axis
+            cos_max = math.cos(math.radians(config.view_spread_deg))
+            cos_t = 1 - torch.rand(n, generator=generator, dtype=torch.float64) * (1 - cos_max)
+            axis = torch.rand(n, generator=generator, dtype=torch.float64) * 360.0
+            rots = euler_to_matrix(axis, torch.rad2deg(torch.arccos(cos_t)), -axis) @ rots
         if config.inplane:
             psi = torch.rand(n, generator=generator, dtype=torch.float64) * 360.0
             zero = torch.zeros_like(psi)

@@ -5,7 +5,8 @@ Images are phase-flipped by their CTF when the STAR has CTF columns, then normal
 ``relion_preprocess --norm``). Methods: k-means, Ward (``hc``), BSK-means++ (``bsk``) on the
 pixels; k-means on PCA / Isomap embeddings; ``align-kmeans`` (up to in-plane rotation and, with
 ``max_shift_px``, integer shifts, as RELION's 2D classification aligns; poses written to
-``cpInplaneAngleDeg``, ``cpAlignShiftXPx``, ``cpAlignShiftYPx``); ``cae-kmeans``; ``cdae-*`` (on
+``cpInplaneAngleDeg``, ``cpAlignShiftXPx``, ``cpAlignShiftYPx``); ``ml2d`` (maximum likelihood
+over classes and those poses, as RELION's Class2D, started from align-kmeans); ``cae-kmeans``; ``cdae-*`` (on
 images denoised by a CDAE given as ``model`` or trained here on ``pretrain_structure``, with a seed
 of its own so that a simulated input is never its own training data); ``drvae-bsk`` (``nn.drvae``,
 trained on the stack alone; its run is kept in ``drvae/``).
@@ -34,6 +35,10 @@ import torch
 
 from cryoprior.classical.cluster import align_kmeans, class_sums, cluster
 from cryoprior.classical.cluster.align import to_class_frame
+from cryoprior.classical.cluster.ml2d import ANNEAL_ITERATIONS as ML2D_ANNEAL
+from cryoprior.classical.cluster.ml2d import ITERATIONS as ML2D_ITERATIONS
+from cryoprior.classical.cluster.ml2d import TEMPERATURE as ML2D_TEMPERATURE
+from cryoprior.classical.cluster.ml2d import ml2d
 from cryoprior.classical.cluster.averages import (
     averages_from_sums,
     ctf_class_sums,
@@ -54,7 +59,7 @@ from cryoprior.nn.training import resolve_device
 log = logging.getLogger(__name__)
 
 METHODS = ("kmeans", "hc", "pca-kmeans", "isomap-kmeans", "bsk", "align-kmeans", "cae-kmeans", "cdae-kmeans",
-           "cdae-hc", "cdae-align-kmeans", "drvae-bsk")
+           "cdae-hc", "cdae-align-kmeans", "drvae-bsk", "ml2d")
 # align-kmeans: an image is its class average rotated by the angle, then moved by the shift
 ALIGN_COLUMNS = ("cpInplaneAngleDeg", "cpAlignShiftXPx", "cpAlignShiftYPx")
 TRUTH_COLUMNS = ("cpViewLabel", "cpConformationLabel")
@@ -84,6 +89,10 @@ class ClassifyConfig:
     max_shift_px: int = field(
         default=0, metadata={"flag": "--max-shift", "help": "translations searched, pixels per axis (*align-kmeans)"}
     )
+    ml2d_iterations: int = field(default=ML2D_ITERATIONS, metadata={"help": "EM steps (ml2d; drvae-bsk with --align)"})
+    ml2d_temperature: float = field(default=ML2D_TEMPERATURE, metadata={
+        "help": "ml2d: the first E-step sees the noise variance times this, falling to 1 over --ml2d-anneal steps"})
+    ml2d_anneal: int = field(default=ML2D_ANNEAL, metadata={"help": "ml2d: steps of deterministic annealing"})
     pca_components: int = field(default=20, metadata={"help": "principal components (pca-kmeans)"})
     isomap_components: int = field(default=10, metadata={"help": "Isomap dimensions (isomap-kmeans)"})
     isomap_neighbors: int = field(default=10, metadata={"help": "Isomap graph neighbours (isomap-kmeans)"})
@@ -108,6 +117,7 @@ class ClassifyConfig:
             "--batch-size": self.batch_size, "--pretrain-n": self.pretrain_n, "--pca-components": self.pca_components,
             "--isomap-components": self.isomap_components, "--isomap-neighbors": self.isomap_neighbors,
             "--cae-latent-dim": self.cae_latent_dim, "--cae-epochs": self.cae_epochs,
+            "--ml2d-iterations": self.ml2d_iterations,
         }
         for flag, value in counts.items():
             if value < 1:
@@ -116,6 +126,9 @@ class ClassifyConfig:
             raise InputError(f"--seed must be in [0, 2**32), got {self.seed}")
         if self.max_shift_px < 0:
             raise InputError(f"--max-shift must be >= 0, got {self.max_shift_px}")
+        if self.ml2d_temperature < 1 or self.ml2d_anneal < 0:
+            raise InputError(f"--ml2d-temperature must be >= 1 and --ml2d-anneal >= 0, got "
+                             f"{self.ml2d_temperature}, {self.ml2d_anneal}")
         if self.mask_radius_px is not None and self.mask_radius_px < 0:
             raise InputError(f"--mask-radius must be >= 0, got {self.mask_radius_px}")
 
@@ -185,7 +198,8 @@ def classify_images(
     stack: ParticleStack | None = None, work: Path | None = None,
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """Labels ``(n,)`` in ``0..K-1`` (class 0 the largest) of normalised images ``(n, d, d)``,
-    and, for the ``*align-kmeans`` methods, ``(angles (n,) radians, shifts (n, 2) px)`` (else None).
+    and, for the ``*align-kmeans`` and ``ml2d`` methods, ``(angles (n,) radians, shifts (n, 2) px)``
+    (else None).
 
     ``stack`` and ``work`` (a folder for the CDAE run) are needed by ``cdae-*`` without a model.
     """
@@ -203,6 +217,11 @@ def classify_images(
     if method == "align-kmeans":
         labels, angles, shifts, _ = align_kmeans(images, k, seed, max_shift=config.max_shift_px)
         pose = (angles, shifts)
+    elif method == "ml2d":  # EM from align-kmeans' averages, as drvae-bsk --align ends
+        start = align_kmeans(images, k, seed, max_shift=config.max_shift_px)[3]
+        result = ml2d(images, start, max_shift=config.max_shift_px, iterations=config.ml2d_iterations,
+                      temperature=config.ml2d_temperature, anneal_iterations=config.ml2d_anneal)
+        labels, pose = result.labels, (result.angles, result.shifts)
     elif method == "cae-kmeans":
         from cryoprior.nn.cae import CAEConfig, cae_embed
 
@@ -220,11 +239,12 @@ def classify_images(
 
 
 def drvae_config(config: ClassifyConfig) -> DRVAEConfig:
-    """The DRVAE settings of a ``drvae-bsk`` run (K, seed and max shift from ``config``)."""
+    """The DRVAE settings of a ``drvae-bsk`` run (K, seed, max shift and ML2D's from ``config``)."""
     import dataclasses
 
     return dataclasses.replace(config.drvae or DRVAEConfig(), classes=config.classes, seed=config.seed,
-                               max_shift_px=config.max_shift_px)
+                               max_shift_px=config.max_shift_px, ml2d_iterations=config.ml2d_iterations,
+                               ml2d_temperature=config.ml2d_temperature, ml2d_anneal=config.ml2d_anneal)
 
 
 def _drvae_bsk(stack: ParticleStack, config: ClassifyConfig, device, work: Path

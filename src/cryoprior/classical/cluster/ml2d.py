@@ -11,21 +11,40 @@ are seen through the soft circular mask of ``align_kmeans``. What RELION adds (a
 noise spectrum, τ² regularisation of the averages, CTF) is not here: the inputs are white-noise
 images (phase-flipped, Fourier-cropped particles).
 
->>> labels, posterior, averages, angles, shifts = ml2d(images, averages0, max_shift=2)   # doctest: +SKIP
+>>> result = ml2d(images, averages0, max_shift=2)   # doctest: +SKIP
+>>> result.labels, result.averages, result.log_likelihood   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from cryoprior.core.fft import fft2c
 from cryoprior.core.rotations import rotate_images
 
 from .align import aligned_costs, alignment_mask, centred_averages, rotated_copies
+from .averages import TAU2_FUDGE_2D, ssnr_wiener_averages
 
-__all__ = ["ml2d"]
+__all__ = ["ANNEAL_ITERATIONS", "ITERATIONS", "ML2DResult", "TEMPERATURE", "ml2d"]
+
+#: the defaults of ``classify --method ml2d`` and of drvae-bsk's last step (``--ml2d-*``), chosen on
+#: development structures (docs/benchmarks.md, "ML2D's annealing")
+ITERATIONS, TEMPERATURE, ANNEAL_ITERATIONS = 20, 4.0, 10
+
+
+class ML2DResult(NamedTuple):
+    """What :func:`ml2d` returns; unpacks as a tuple in this order."""
+
+    labels: np.ndarray  # (n,) int64: the class of largest marginal posterior
+    posterior: np.ndarray  # (n, k): marginal over poses
+    averages: np.ndarray  # (k, d, d)
+    angles: np.ndarray  # (n,) rad: the most probable angle in the image's class, align_kmeans' convention
+    shifts: np.ndarray  # (n, 2) int (dx, dy) px: its most probable shift there
+    log_likelihood: float  # per image, with poses and classes marginalised (compare runs on one stack)
 
 
 def _shifts(max_shift: int) -> list[tuple[int, int]]:
@@ -48,21 +67,33 @@ def _log_weights(x: torch.Tensor, t: torch.Tensor, sigma2: float, log_prior: tor
     return out
 
 
-def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: int = 10
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: int = 10, regularise: bool = False,
+         tau2_fudge: float = TAU2_FUDGE_2D, temperature: float = 1.0, anneal_iterations: int = 0
+         ) -> ML2DResult:
     """Refine class ``averages`` ``(k, d, d)`` of ``images`` ``(n, d, d)`` by ``iterations`` EM steps
     with marginalisation over ``n_angles`` in-plane angles and integer shifts up to ``max_shift``.
 
-    Returns ``(labels (n,) int64: the class of largest marginal posterior, posterior (n, k), averages
-    (k, d, d), angles (n,) rad, shifts (n, 2) int (dx, dy) px)``, the poses being each image's most
-    probable one in its class, in ``align_kmeans``' convention. Deterministic (no random draws);
-    start it from a hard classification's averages (``align_kmeans``, ``aligned_bsk``).
+    Returns an :class:`ML2DResult`: labels, posteriors, averages, each image's most probable pose in
+    its class (``align_kmeans``' convention) and the mean log-likelihood per image of the final
+    model (Gaussian noise, uniform pose prior), by which runs from different starts on the same
+    images compare. Deterministic (no random draws); start it from a hard classification's averages
+    (``align_kmeans``, ``aligned_bsk``).
+
+    ``regularise``: each M-step's averages are Wiener-filtered per shell by their half-set spectral
+    SNR (``averages.ssnr_wiener_averages``, even and odd images as the half sets), as RELION
+    regularises its references with τ² (``tau2_fudge`` is its ``--tau2_fudge``).
+
+    ``temperature`` T > 1 with ``anneal_iterations`` A: deterministic annealing. The E-step of
+    iteration i < A sees the noise variance σ²·T^(1 − i/A), so that early posteriors are flatter
+    and the averages can leave the starting partition; from iteration A on it is plain EM.
     """
     images = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     centres = torch.as_tensor(np.asarray(averages), dtype=torch.float32).clone()
     if images.ndim != 3 or images.shape[1] != images.shape[2] or centres.shape[1:] != images.shape[1:]:
         raise ValueError(f"ml2d needs images (n, d, d) and averages (k, d, d) of one size, got "
                          f"{tuple(images.shape)} and {tuple(centres.shape)}")
+    if temperature < 1 or anneal_iterations < 0:
+        raise ValueError(f"need temperature >= 1 and anneal_iterations >= 0, got {temperature}, {anneal_iterations}")
     if not 0 <= max_shift < images.shape[-1] // 2:
         raise ValueError(f"max_shift must be in 0..{images.shape[-1] // 2 - 1} px, got {max_shift}")
     n, d, _ = images.shape
@@ -72,33 +103,45 @@ def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: i
     angles = torch.arange(n_angles, dtype=torch.float32) * (2 * math.pi / n_angles)
     shifts = _shifts(max_shift)
     log_prior = torch.full((k,), -math.log(k), dtype=torch.float64)
+    halves = torch.stack([torch.arange(n) % 2 == 0, torch.arange(n) % 2 == 1]).float()  # (2, n)
     # σ² from the hard fit of the starting averages: the mean best residual per masked pixel
     best_cost = aligned_costs(x, centres, angles, mask, max_shift)[0].amin(dim=1)
     pixels = float((mask * mask).sum())
     sigma2 = max(float(best_cost.mean()) / pixels, 1e-12)
-    for _ in range(iterations):
+    for i in range(iterations):
+        temp = temperature ** (1 - i / anneal_iterations) if i < anneal_iterations else 1.0
         t = rotated_copies(centres, angles) * mask
-        logw = _log_weights(x, t, sigma2, log_prior, max_shift)
+        logw = _log_weights(x, t, sigma2 * temp, log_prior, max_shift)
         w = torch.softmax(logw.reshape(n, -1), dim=1).reshape(logw.shape).float()  # (n, S, k, R)
         # M-step: Σ_i w_iskr · roll(image_i, -shift_s), then each (k, r) sum rotated back by -angle_r
-        sums = torch.zeros((k, n_angles, d * d))
+        sums = torch.zeros((2, k, n_angles, d * d))  # the two half sets (even, odd particles)
         for j, (dy, dx) in enumerate(shifts):
             rolled = torch.roll(images, (-dy, -dx), dims=(1, 2)).reshape(n, -1)
-            sums += torch.einsum("nkr,np->krp", w[:, j], rolled)
-        back = rotate_images(sums.reshape(k * n_angles, 1, d, d), -angles.repeat(k)).reshape(k, n_angles, d, d)
-        mass = w.sum(dim=(0, 1, 3)).clamp(min=1e-12)  # (k,)
-        centres = back.sum(1) / mass[:, None, None]
+            sums += torch.einsum("hn,nkr,np->hkrp", halves, w[:, j], rolled)
+        back = rotate_images(sums.reshape(2 * k * n_angles, 1, d, d), -angles.repeat(2 * k)).reshape(2 * k, n_angles, d, d)
+        mass2 = torch.einsum("hn,nskr->hk", halves, w).reshape(2 * k).clamp(min=1e-12)  # (2k,)
+        mass = mass2[:k] + mass2[k:]
+        if regularise:
+            num2 = fft2c(back.sum(1).double()).numpy()
+            den2 = np.repeat(mass2.double().numpy()[:, None, None], d * d, axis=1).reshape(num2.shape)
+            centres = torch.as_tensor(ssnr_wiener_averages(num2, den2, tau2_fudge))
+        else:
+            centres = (back[:k].sum(1) + back[k:].sum(1)) / mass[:, None, None]
         if max_shift > 0:
             centres = centred_averages(centres)
         # σ²: the posterior-expected residual per masked pixel; class weights: their posterior mass
-        cost = -2 * sigma2 * (logw - log_prior[None, None, :, None])
+        cost = -2 * sigma2 * temp * (logw - log_prior[None, None, :, None])
         sigma2 = max(float((w.double() * cost).sum()) / (n * pixels), 1e-12)
         log_prior = torch.log((mass / n).double().clamp(min=1e-12))
     t = rotated_copies(centres, angles) * mask
     logw = _log_weights(x, t, sigma2, log_prior, max_shift)
-    posterior = torch.softmax(logw.reshape(n, -1), dim=1).reshape(logw.shape).sum(dim=(1, 3))
+    flat = logw.reshape(n, -1)
+    posterior = torch.softmax(flat, dim=1).reshape(logw.shape).sum(dim=(1, 3))
+    # log p(x_i) = logsumexp over (shift, class, angle) of log w − log(S R) − (P/2) log(2π σ²)
+    log_likelihood = float(torch.logsumexp(flat, dim=1).mean()) - math.log(len(shifts) * n_angles) \
+        - 0.5 * pixels * math.log(2 * math.pi * sigma2)
     labels = posterior.argmax(1)
     own = logw[torch.arange(n), :, labels].reshape(n, -1).argmax(1)  # the best (shift, angle) in its class
     pose_shift = torch.tensor([(dx, dy) for dy, dx in shifts], dtype=torch.long)[own // n_angles]
-    return (labels.numpy().astype(np.int64), posterior.numpy(), centres.numpy(),
-            angles[own % n_angles].numpy().astype(np.float64), pose_shift.numpy())
+    return ML2DResult(labels.numpy().astype(np.int64), posterior.numpy(), centres.numpy(),
+                      angles[own % n_angles].numpy().astype(np.float64), pose_shift.numpy(), log_likelihood)
