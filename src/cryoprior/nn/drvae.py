@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cryoprior.classical.cluster.ml2d as ml2d_defaults
 from cryoprior.classical.cluster.align import (
     align_kmeans,
     aligned_averages,
@@ -53,7 +54,6 @@ from cryoprior.fileutil import atomic_path
 from cryoprior.io.relion import ctf_from_star
 from cryoprior.io.stack import ParticleStack
 from cryoprior.nn.denoiser import denoise_tensor, read_model_file, save_model
-import cryoprior.classical.cluster.ml2d as ml2d_defaults
 from cryoprior.nn.drvae_features import joint_features, lowpass_inputs, ml2d_refine, ssnr_first
 from cryoprior.nn.models.drvae import DRVAE, DRVAEDenoiser, vae_loss
 from cryoprior.nn.training import epoch_seed, train_loop

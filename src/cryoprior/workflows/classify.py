@@ -35,16 +35,16 @@ import torch
 
 from cryoprior.classical.cluster import align_kmeans, class_sums, cluster
 from cryoprior.classical.cluster.align import to_class_frame
-from cryoprior.classical.cluster.ml2d import ANNEAL_ITERATIONS as ML2D_ANNEAL
-from cryoprior.classical.cluster.ml2d import ITERATIONS as ML2D_ITERATIONS
-from cryoprior.classical.cluster.ml2d import TEMPERATURE as ML2D_TEMPERATURE
-from cryoprior.classical.cluster.ml2d import ml2d
 from cryoprior.classical.cluster.averages import (
     averages_from_sums,
     ctf_class_sums,
     half_set_labels,
     ssnr_wiener_averages,
 )
+from cryoprior.classical.cluster.ml2d import ANNEAL_ITERATIONS as ML2D_ANNEAL
+from cryoprior.classical.cluster.ml2d import ITERATIONS as ML2D_ITERATIONS
+from cryoprior.classical.cluster.ml2d import TEMPERATURE as ML2D_TEMPERATURE
+from cryoprior.classical.cluster.ml2d import ml2d
 from cryoprior.config import write_run_config
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores
