@@ -23,10 +23,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from cryoprior.core.fft import fft2c
+from cryoprior.core.fft import fft2c, ifft2c
+from cryoprior.core.fsc import radial_average, radial_shell_index
 from cryoprior.core.rotations import rotate_images
 
-from .align import aligned_costs, alignment_mask, centred_averages, rotated_copies
+from .align import alignment_mask, centred_averages, rotated_copies
 from .averages import TAU2_FUDGE_2D, ssnr_wiener_averages
 
 __all__ = ["ANNEAL_ITERATIONS", "ITERATIONS", "ML2DResult", "TEMPERATURE", "ml2d"]
@@ -51,25 +52,32 @@ def _shifts(max_shift: int) -> list[tuple[int, int]]:
     return [(dy, dx) for dy in range(-max_shift, max_shift + 1) for dx in range(-max_shift, max_shift + 1)]
 
 
-def _log_weights(x: torch.Tensor, t: torch.Tensor, sigma2: float, log_prior: torch.Tensor, max_shift: int) -> torch.Tensor:
+def _log_weights(x: torch.Tensor, xf: torch.Tensor, t: torch.Tensor, c2: torch.Tensor | None, sigma2: float,
+                 log_prior: torch.Tensor, max_shift: int) -> torch.Tensor:
     """Unnormalised log posterior ``(n, S, k, R)`` of every shift, class and angle for masked images
-    ``x`` ``(n, d, d)`` against masked rotated averages ``t`` ``(k, R, d, d)``."""
+    ``x`` ``(n, d, d)`` against masked rotated averages ``t`` ``(k, R, d, d)``: −|x − CTF·t|²/2σ².
+    ``xf``: the masked images filtered by their CTF (``x`` without one); ``c2`` ``(n, d, d)``: the
+    CTF² each average is seen through (None: 1), so that |CTF·t|² = Σ_f c2 |F t|² / d²."""
     n = len(x)
     k, r = t.shape[:2]
     tt = t.reshape(k * r, -1)
-    tn = (tt * tt).sum(1)
+    if c2 is None:
+        tn = (tt * tt).sum(1)[None]  # (1, k R); a circular shift keeps it
+    else:
+        spectra = fft2c(t).abs().square().reshape(k * r, -1)
+        tn = c2.reshape(n, -1) @ spectra.T / tt.shape[1]  # (n, k R), Parseval
     xn = (x * x).sum((1, 2))[:, None]
     out = torch.empty((n, len(_shifts(max_shift)), k, r), dtype=torch.float64)
     for j, (dy, dx) in enumerate(_shifts(max_shift)):
-        rolled = torch.roll(x, (-dy, -dx), dims=(1, 2)).reshape(n, -1)
+        rolled = torch.roll(xf, (-dy, -dx), dims=(1, 2)).reshape(n, -1)
         cost = (xn + tn - 2 * rolled @ tt.T).reshape(n, k, r)
         out[:, j] = (-cost / (2 * sigma2)).double() + log_prior[None, :, None]
     return out
 
 
 def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: int = 10, regularise: bool = False,
-         tau2_fudge: float = TAU2_FUDGE_2D, temperature: float = 1.0, anneal_iterations: int = 0
-         ) -> ML2DResult:
+         tau2_fudge: float = TAU2_FUDGE_2D, temperature: float = 1.0, anneal_iterations: int = 0,
+         ctf=None) -> ML2DResult:
     """Refine class ``averages`` ``(k, d, d)`` of ``images`` ``(n, d, d)`` by ``iterations`` EM steps
     with marginalisation over ``n_angles`` in-plane angles and integer shifts up to ``max_shift``.
 
@@ -86,6 +94,13 @@ def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: i
     ``temperature`` T > 1 with ``anneal_iterations`` A: deterministic annealing. The E-step of
     iteration i < A sees the noise variance σ²·T^(1 − i/A), so that early posteriors are flatter
     and the averages can leave the starting partition; from iteration A on it is plain EM.
+
+    ``ctf`` ``(n, d, d)``: each image's centred CTF (``core.ctf.ctf_2d``), the ``images`` being
+    phase-flipped by it. The model is then image = CTF ∗ (moved, rotated average) + noise, as in
+    RELION: the likelihood compares each image with its average seen through its own CTF, and the
+    M-step is the Wiener estimate Σ w·CTF·x / Σ w·CTF² (with ``regularise`` its half-set SSNR as
+    the regulariser, else 10⁻³ of the class mass). The CTF is taken isotropic (its radial
+    average; astigmatism is neglected), so that it commutes with the in-plane rotations.
     """
     images = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     centres = torch.as_tensor(np.asarray(averages), dtype=torch.float32).clone()
@@ -100,31 +115,51 @@ def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: i
     k = len(centres)
     mask = alignment_mask(d)
     x = images * mask
+    c2 = None
+    filtered = images  # CTF·x: what the M-step sums and the cross term sees
+    if ctf is not None:
+        ctf = torch.as_tensor(np.asarray(ctf), dtype=torch.float32)
+        if ctf.shape != images.shape:
+            raise ValueError(f"ctf must match the images: {tuple(ctf.shape)} vs {tuple(images.shape)}")
+        shell = radial_shell_index(d).clamp(max=d // 2)
+        c2 = radial_average(ctf.square())[:, shell]  # (n, d, d), isotropic
+        filtered = ifft2c(fft2c(images) * radial_average(ctf.abs())[:, shell]).real.float()
+    xf = filtered * mask
     angles = torch.arange(n_angles, dtype=torch.float32) * (2 * math.pi / n_angles)
     shifts = _shifts(max_shift)
     log_prior = torch.full((k,), -math.log(k), dtype=torch.float64)
     halves = torch.stack([torch.arange(n) % 2 == 0, torch.arange(n) % 2 == 1]).float()  # (2, n)
     # σ² from the hard fit of the starting averages: the mean best residual per masked pixel
-    best_cost = aligned_costs(x, centres, angles, mask, max_shift)[0].amin(dim=1)
+    # (σ² = −1/2 turns the log weights into the costs themselves)
+    best_cost = _log_weights(x, xf, rotated_copies(centres, angles) * mask, c2, -0.5,
+                             torch.zeros(k, dtype=torch.float64), max_shift).reshape(n, -1).amin(1)
     pixels = float((mask * mask).sum())
     sigma2 = max(float(best_cost.mean()) / pixels, 1e-12)
     for i in range(iterations):
         temp = temperature ** (1 - i / anneal_iterations) if i < anneal_iterations else 1.0
         t = rotated_copies(centres, angles) * mask
-        logw = _log_weights(x, t, sigma2 * temp, log_prior, max_shift)
+        logw = _log_weights(x, xf, t, c2, sigma2 * temp, log_prior, max_shift)
         w = torch.softmax(logw.reshape(n, -1), dim=1).reshape(logw.shape).float()  # (n, S, k, R)
         # M-step: Σ_i w_iskr · roll(image_i, -shift_s), then each (k, r) sum rotated back by -angle_r
         sums = torch.zeros((2, k, n_angles, d * d))  # the two half sets (even, odd particles)
         for j, (dy, dx) in enumerate(shifts):
-            rolled = torch.roll(images, (-dy, -dx), dims=(1, 2)).reshape(n, -1)
+            rolled = torch.roll(filtered, (-dy, -dx), dims=(1, 2)).reshape(n, -1)
             sums += torch.einsum("hn,nkr,np->hkrp", halves, w[:, j], rolled)
         back = rotate_images(sums.reshape(2 * k * n_angles, 1, d, d), -angles.repeat(2 * k)).reshape(2 * k, n_angles, d, d)
         mass2 = torch.einsum("hn,nskr->hk", halves, w).reshape(2 * k).clamp(min=1e-12)  # (2k,)
         mass = mass2[:k] + mass2[k:]
-        if regularise:
-            num2 = fft2c(back.sum(1).double()).numpy()
-            den2 = np.repeat(mass2.double().numpy()[:, None, None], d * d, axis=1).reshape(num2.shape)
-            centres = torch.as_tensor(ssnr_wiener_averages(num2, den2, tau2_fudge))
+        if regularise or c2 is not None:
+            num2 = fft2c(back.sum(1).double())
+            if c2 is None:
+                den2 = mass2.double()[:, None, None].expand(num2.shape)
+            else:  # Σ_i w_ik CTF_i² per half set
+                den2 = torch.einsum("hn,nk,np->hkp", halves.double(), w.sum(dim=(1, 3)).double(),
+                                    c2.reshape(n, -1).double()).reshape(num2.shape)
+            if regularise:
+                centres = torch.as_tensor(ssnr_wiener_averages(num2.numpy(), den2.contiguous().numpy(), tau2_fudge))
+            else:
+                num, den = num2[:k] + num2[k:], den2[:k] + den2[k:]
+                centres = ifft2c(num / torch.maximum(den, 1e-3 * mass.double()[:, None, None])).real.float()
         else:
             centres = (back[:k].sum(1) + back[k:].sum(1)) / mass[:, None, None]
         if max_shift > 0:
@@ -134,7 +169,7 @@ def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: i
         sigma2 = max(float((w.double() * cost).sum()) / (n * pixels), 1e-12)
         log_prior = torch.log((mass / n).double().clamp(min=1e-12))
     t = rotated_copies(centres, angles) * mask
-    logw = _log_weights(x, t, sigma2, log_prior, max_shift)
+    logw = _log_weights(x, xf, t, c2, sigma2, log_prior, max_shift)
     flat = logw.reshape(n, -1)
     posterior = torch.softmax(flat, dim=1).reshape(logw.shape).sum(dim=(1, 3))
     # log p(x_i) = logsumexp over (shift, class, angle) of log w − log(S R) − (P/2) log(2π σ²)
