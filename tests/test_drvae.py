@@ -400,24 +400,3 @@ def test_align_path_ends_with_ml2d_within_the_size_bounds(tmp_path):
     off = train_drvae(stack, DRVAEConfig(**{**TINY, "warmup_steps": 0, "round_steps": 0}, max_rounds=1, align=True,
                                          ml2d_iterations=0), tmp_path / "off", "cpu")
     np.testing.assert_array_equal(off.labels, last.labels)
-
-
-def test_align_path_models_the_ctf_in_ml2d(tmp_path):
-    """With CTF columns, ML2D after the last round sees each input's CTF at the network's box (the
-    central frequencies of the full-size CTF, as the inputs keep theirs), and its labels are
-    ``ml2d_refine`` with those CTFs."""
-    from cryoprior.io.relion import ctf_from_star
-    from cryoprior.nn.drvae_features import ml2d_refine, working_ctfs
-
-    out = tmp_path / "sim"
-    simulate_dataset(SimulationConfig(structures=["1ake"], box=32, pixel_size_a=2.0, n=120, views=4, inplane=True,
-                                      ctf=True, snr=0.3, seed=5), out)
-    stack = ParticleStack.from_file(out / "particles.star")
-    ctfs = working_ctfs(stack, 16)
-    np.testing.assert_allclose(ctfs, ctf_from_star(stack, np.arange(len(stack)))[:, 8:24, 8:24].float())
-    cfg = DRVAEConfig(**{**TINY, "warmup_steps": 0, "round_steps": 0}, max_rounds=1, align=True, ml2d_iterations=5)
-    result = train_drvae(stack, cfg, tmp_path / "run", "cpu")
-    last = drvae._load_assignment(tmp_path / "run" / "rounds" / "round_01.npz")
-    x = drvae.prepare(stack, 16).x[:, 0]
-    kw = dict(temperature=cfg.ml2d_temperature, anneal_iterations=cfg.ml2d_anneal)
-    np.testing.assert_array_equal(result.labels, ml2d_refine(x, last, 4, 0, 5, cfg.size_tolerance, ctf=ctfs, **kw).labels)

@@ -45,7 +45,6 @@ from cryoprior.core.metrics import classification_scores, match_labels
 from cryoprior.core.rotations import rotate_images
 from cryoprior.errors import InputError
 from cryoprior.fileutil import atomic_path
-from cryoprior.io.relion import ctf_from_star
 from cryoprior.io.stack import ParticleStack
 from cryoprior.nn.cdae_ops import flip_by_star, flipped_images
 from cryoprior.nn.drvae import DRVAEConfig, train_drvae
@@ -183,10 +182,8 @@ def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: P
     (labels, _, _, averages), s = timed(lambda: align_kmeans(x, k, seed, max_shift=MAX_SHIFT_PX))
     rows["align-kmeans"] = _row(truth, labels, k, s)
     if aligned:  # what ML2D gives without the network: drvae-bsk's last step after align-kmeans
-        ctf = ctf_from_star(stack, np.arange(len(stack)))
         labels, s_ml = timed(lambda: ml2d(x, averages, max_shift=MAX_SHIFT_PX, iterations=drvae.ml2d_iterations,
-                                          temperature=drvae.ml2d_temperature, anneal_iterations=drvae.ml2d_anneal,
-                                          ctf=None if ctf is None else ctf.float().numpy())[0])
+                                          temperature=drvae.ml2d_temperature, anneal_iterations=drvae.ml2d_anneal)[0])
         rows["align-kmeans-ml2d"] = _row(truth, labels, k, s + s_ml)
     labels, s = timed(lambda: cluster(x, k, "bsk", seed))
     rows["bsk-raw"] = _row(truth, labels, k, s)

@@ -54,13 +54,7 @@ from cryoprior.fileutil import atomic_path
 from cryoprior.io.relion import ctf_from_star
 from cryoprior.io.stack import ParticleStack
 from cryoprior.nn.denoiser import denoise_tensor, read_model_file, save_model
-from cryoprior.nn.drvae_features import (
-    joint_features,
-    lowpass_inputs,
-    ml2d_refine,
-    ssnr_first,
-    working_ctfs,
-)
+from cryoprior.nn.drvae_features import joint_features, lowpass_inputs, ml2d_refine, ssnr_first
 from cryoprior.nn.models.drvae import DRVAE, DRVAEDenoiser, vae_loss
 from cryoprior.nn.training import epoch_seed, train_loop
 
@@ -421,7 +415,7 @@ def train_drvae(stack: ParticleStack, config: DRVAEConfig, run_dir: str | Path, 
         last = assignment.labels
         assignment = ml2d_refine(prep.x[:, 0], assignment, config.classes, max_shift_net, config.ml2d_iterations,
                                  config.size_tolerance, temperature=config.ml2d_temperature,
-                                 anneal_iterations=config.ml2d_anneal, ctf=working_ctfs(stack, b) if prep.ctf else None)
+                                 anneal_iterations=config.ml2d_anneal)
         curves["ml2d"] = {"iterations": config.ml2d_iterations, "changed_fraction": round(float((assignment.labels != last).mean()), 5),
                           "class_sizes": np.bincount(assignment.labels, minlength=config.classes).tolist()}
     with atomic_path(run / "curves.json") as tmp:

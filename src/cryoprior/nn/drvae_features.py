@@ -7,7 +7,7 @@
 - :func:`joint_features`: ``--cluster-on both``: the denoised images next to the low-passed inputs,
   so that a clustering of the network's output keeps each image's own evidence.
 - :func:`ml2d_refine`: with ``--align``, the last clustering's classes refined by ML2D
-  (``--ml2d-iterations``; with the inputs' CTFs, :func:`working_ctfs`), within BSK's size bounds.
+  (``--ml2d-iterations``), within BSK's size bounds.
 """
 
 from __future__ import annotations
@@ -57,32 +57,17 @@ def joint_features(lowpassed: torch.Tensor, denoised: torch.Tensor, denoised_wei
     return np.concatenate([p.reshape(n, -1) for p in parts], axis=1).astype(np.float32)
 
 
-def working_ctfs(stack, box: int, chunk: int = 4096) -> torch.Tensor:
-    """The stack's centred CTFs at the network's box ``(n, box, box)``: the central frequencies
-    of the full-size CTFs, as ``filters.downsample`` keeps the images' (``prepare``)."""
-    from cryoprior.io.relion import ctf_from_star
-
-    s = stack.box // 2 - box // 2
-    out = torch.empty((len(stack), box, box))
-    for start in range(0, len(stack), chunk):
-        rows = np.arange(start, min(start + chunk, len(stack)))
-        out[rows] = ctf_from_star(stack, rows)[:, s : s + box, s : s + box].float()
-    return out
-
-
 def ml2d_refine(x: torch.Tensor, assignment, k: int, max_shift: int, iterations: int, size_tolerance: float,
-                n_angles: int = 36, temperature: float = 1.0, anneal_iterations: int = 0,
-                ctf: torch.Tensor | None = None):
+                n_angles: int = 36, temperature: float = 1.0, anneal_iterations: int = 0):
     """``assignment`` (an ``nn.drvae.Assignment`` with poses) refined by ``iterations`` EM steps of
     ML2D on the network inputs ``x`` ``(n, b, b)``, started from its aligned class averages. The
     labels maximise the summed log posterior within BSK's size bounds (``size_tolerance``); each
     image's pose is then its best one against its class's refined average. ``temperature`` and
-    ``anneal_iterations``: ML2D's deterministic annealing; ``ctf`` ``(n, b, b)``: the inputs' CTFs
-    (:func:`working_ctfs`; the inputs are phase-flipped), which ML2D then models."""
+    ``anneal_iterations``: ML2D's deterministic annealing."""
     start = aligned_averages(x, torch.as_tensor(assignment.labels), torch.as_tensor(assignment.angles, dtype=torch.float32),
                              torch.as_tensor(assignment.shifts), k, centre=max_shift > 0)
     _, posterior, averages, *_ = ml2d(x, start, n_angles=n_angles, max_shift=max_shift, iterations=iterations,
-                                      temperature=temperature, anneal_iterations=anneal_iterations, ctf=ctf)
+                                      temperature=temperature, anneal_iterations=anneal_iterations)
     labels = balanced_assignment(-np.log(np.clip(posterior, 1e-300, None)), size_tolerance=size_tolerance)
     mask = alignment_mask(x.shape[-1])
     grid = torch.arange(n_angles, dtype=torch.float32) * (2 * math.pi / n_angles)

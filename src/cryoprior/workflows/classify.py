@@ -219,13 +219,8 @@ def classify_images(
         pose = (angles, shifts)
     elif method == "ml2d":  # EM from align-kmeans' averages, as drvae-bsk --align ends
         start = align_kmeans(images, k, seed, max_shift=config.max_shift_px)[3]
-        ctf = None
-        if stack is not None and stack.has_column("rlnDefocusU"):  # the images are phase-flipped by it
-            from cryoprior.io.relion import ctf_from_star
-
-            ctf = ctf_from_star(stack, np.arange(len(stack))).float().numpy()
         result = ml2d(images, start, max_shift=config.max_shift_px, iterations=config.ml2d_iterations,
-                      temperature=config.ml2d_temperature, anneal_iterations=config.ml2d_anneal, ctf=ctf)
+                      temperature=config.ml2d_temperature, anneal_iterations=config.ml2d_anneal)
         labels, pose = result.labels, (result.angles, result.shifts)
     elif method == "cae-kmeans":
         from cryoprior.nn.cae import CAEConfig, cae_embed
