@@ -156,7 +156,10 @@ def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: i
     angles = torch.arange(n_angles, dtype=torch.float32) * (2 * math.pi / n_angles)
     shifts = _shifts(max_shift)
     log_prior = torch.full((k,), -math.log(k), dtype=torch.float64)
-    halves = torch.stack([torch.arange(n) % 2 == 0, torch.arange(n) % 2 == 1]).float()  # (2, n)
+    # the M-step's sums over the two half sets (even, odd images) that τ² needs, else over all
+    halves = (torch.stack([torch.arange(n) % 2 == 0, torch.arange(n) % 2 == 1]) if regularise
+              else torch.ones((1, n), dtype=torch.bool)).float()  # (H, n)
+    h = len(halves)
     # σ² from the hard fit of the starting averages: the mean best residual per masked pixel
     # (σ² = −1/2 turns the log weights into the costs themselves)
     best_cost = _group_log_weights(x, centres, angles, mask, groups, -0.5, torch.zeros(k, dtype=torch.float64),
@@ -168,27 +171,26 @@ def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: i
         logw = _group_log_weights(x, centres, angles, mask, groups, sigma2 * temp, log_prior, max_shift)
         w = torch.softmax(logw.reshape(n, -1), dim=1).reshape(logw.shape).float()  # (n, S, k, R)
         # M-step: Σ_i w_iskr · roll(image_i, -shift_s), then each (k, r) sum rotated back by -angle_r
-        sums = torch.zeros((2, k, n_angles, d * d))  # the two half sets (even, odd particles)
+        sums = torch.zeros((h, k, n_angles, d * d))
         for j, (dy, dx) in enumerate(shifts):
             rolled = torch.roll(filtered, (-dy, -dx), dims=(1, 2)).reshape(n, -1)
             sums += torch.einsum("hn,nkr,np->hkrp", halves, w[:, j], rolled)
-        back = rotate_images(sums.reshape(2 * k * n_angles, 1, d, d), -angles.repeat(2 * k)).reshape(2 * k, n_angles, d, d)
-        mass2 = torch.einsum("hn,nskr->hk", halves, w).reshape(2 * k).clamp(min=1e-12)  # (2k,)
-        mass = mass2[:k] + mass2[k:]
+        back = rotate_images(sums.reshape(h * k * n_angles, 1, d, d), -angles.repeat(h * k)).reshape(h * k, n_angles, d, d).sum(1)
+        mass_h = torch.einsum("hn,nskr->hk", halves, w).reshape(h * k).clamp(min=1e-12)  # (H k,)
+        mass = mass_h.reshape(h, k).sum(0)
         if regularise or groups is not None:
-            num2 = fft2c(back.sum(1).double())
+            num = fft2c(back.double())
             if groups is None:
-                den2 = mass2.double()[:, None, None].expand(num2.shape)
+                den = mass_h.double()[:, None, None].expand(num.shape)
             else:  # Σ_i w_ik CTF_i² per half set
-                den2 = torch.einsum("hn,nk,np->hkp", halves.double(), w.sum(dim=(1, 3)).double(),
-                                    absc.square().reshape(n, -1).double()).reshape(num2.shape)
+                den = torch.einsum("hn,nk,np->hkp", halves.double(), w.sum(dim=(1, 3)).double(),
+                                   absc.square().reshape(n, -1).double()).reshape(num.shape)
             if regularise:
-                centres = torch.as_tensor(ssnr_wiener_averages(num2.numpy(), den2.contiguous().numpy(), tau2_fudge))
+                centres = torch.as_tensor(ssnr_wiener_averages(num.numpy(), den.contiguous().numpy(), tau2_fudge))
             else:
-                num, den = num2[:k] + num2[k:], den2[:k] + den2[k:]
                 centres = ifft2c(num / torch.maximum(den, 1e-3 * mass.double()[:, None, None])).real.float()
         else:
-            centres = (back[:k].sum(1) + back[k:].sum(1)) / mass[:, None, None]
+            centres = back / mass[:, None, None]
         if max_shift > 0 and groups is None:  # (with a CTF the centring made things worse: see docs)
             centres = centred_averages(centres)
         # σ²: the posterior-expected residual per masked pixel; class weights: their posterior mass
