@@ -389,7 +389,7 @@ def test_align_path_ends_with_ml2d_within_the_size_bounds(tmp_path):
     result = train_drvae(stack, cfg, tmp_path / "run", "cpu")
     last = drvae._load_assignment(tmp_path / "run" / "rounds" / "round_01.npz")
     expected = ml2d_refine(drvae.prepare(stack, 16).x[:, 0], last, 4, 0, 5, cfg.size_tolerance,
-                           temperature=cfg.ml2d_temperature, anneal_iterations=cfg.ml2d_anneal)
+                           temperature=cfg.ml2d_temperature, anneal_iterations=cfg.ml2d_anneal, start_shell=cfg.ml2d_start_shell)
     np.testing.assert_array_equal(result.labels, expected.labels)
     np.testing.assert_allclose(result.angles, expected.angles)
     curves = json.loads((tmp_path / "run" / "curves.json").read_text())

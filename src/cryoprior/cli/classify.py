@@ -29,7 +29,7 @@ from cryoprior.io.star import OpticsFlags
 from cryoprior.nn.drvae import DRVAEConfig
 from cryoprior.workflows.classify import ClassifyConfig, run_classify
 
-DRVAE_SHARED = ("classes", "seed", "max_shift_px", "ml2d_iterations", "ml2d_temperature", "ml2d_anneal")  # the classify flags
+DRVAE_SHARED = ("classes", "seed", "max_shift_px", "ml2d_iterations", "ml2d_temperature", "ml2d_anneal", "ml2d_start_shell")  # the classify flags
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -93,7 +93,8 @@ class DRVAEConfig:
     bsk_restarts: int = field(default=3, metadata={"help": "k-means++ seedings of BSK-means++, the lowest inertia kept"})
     ml2d_iterations: int = field(default=ml2d_defaults.ITERATIONS, metadata={"help": "with --align: EM steps of ML2D (classes and in-plane poses marginalised, as RELION's Class2D) that refine the last clustering's classes; 0: off"})
     ml2d_temperature: float = field(default=ml2d_defaults.TEMPERATURE, metadata={"help": "ML2D's first E-step sees the noise variance times this, falling to 1 over --ml2d-anneal steps (deterministic annealing; 1: plain EM)"})
-    ml2d_anneal: int = field(default=ml2d_defaults.ANNEAL_ITERATIONS, metadata={"help": "ML2D steps over which --ml2d-temperature falls to 1"})
+    ml2d_anneal: int = field(default=ml2d_defaults.ANNEAL_ITERATIONS, metadata={"help": "ML2D steps over which --ml2d-temperature falls to 1 and the resolution rises from --ml2d-start-shell to Nyquist"})
+    ml2d_start_shell: float = field(default=ml2d_defaults.START_SHELL, metadata={"help": "ML2D's first E-step compares images only up to this Fourier shell (cycles per box), widening to Nyquist over --ml2d-anneal steps, as RELION's Class2D starts coarse; 0: the whole band throughout"})
     align_restarts: int = field(default=1, metadata={"help": "with --align: align-kmeans seedings of the first clustering, the lowest aligned cost kept"})
     pseudo_targets: str = field(default="denoised", metadata={"choices": list(PSEUDO_TARGETS), "help": "class averages of the denoised images or of the network inputs"})
     align: bool = field(default=False, metadata={"help": "cluster up to in-plane rotation (and --max-shift)"})
@@ -113,8 +114,9 @@ class DRVAEConfig:
             raise InputError(f"--net-box must be an even number of pixels (0: the input's), got {self.net_box}")
         if min(self.warmup_steps, self.round_steps, self.max_shift_px, self.ml2d_iterations, self.ml2d_anneal) < 0:
             raise InputError("--warmup-steps, --round-steps, --max-shift, --ml2d-iterations and --ml2d-anneal must be >= 0")
-        if self.ml2d_temperature < 1:
-            raise InputError(f"--ml2d-temperature must be >= 1, got {self.ml2d_temperature}")
+        if self.ml2d_temperature < 1 or self.ml2d_start_shell < 0:
+            raise InputError(f"--ml2d-temperature must be >= 1 and --ml2d-start-shell >= 0, got "
+                             f"{self.ml2d_temperature}, {self.ml2d_start_shell}")
         if not (self.beta >= 0 and self.target_weight >= 0 and self.denoised_weight >= 0 and self.vae_lr > 0):
             raise InputError("--kl-beta, --target-weight and --denoised-weight must be >= 0, --vae-lr > 0")
         if not 0 <= self.size_tolerance <= 1:
@@ -415,7 +417,7 @@ def train_drvae(stack: ParticleStack, config: DRVAEConfig, run_dir: str | Path, 
         last = assignment.labels
         assignment = ml2d_refine(prep.x[:, 0], assignment, config.classes, max_shift_net, config.ml2d_iterations,
                                  config.size_tolerance, temperature=config.ml2d_temperature,
-                                 anneal_iterations=config.ml2d_anneal)
+                                 anneal_iterations=config.ml2d_anneal, start_shell=config.ml2d_start_shell)
         curves["ml2d"] = {"iterations": config.ml2d_iterations, "changed_fraction": round(float((assignment.labels != last).mean()), 5),
                           "class_sizes": np.bincount(assignment.labels, minlength=config.classes).tolist()}
     with atomic_path(run / "curves.json") as tmp:

@@ -43,6 +43,7 @@ from cryoprior.classical.cluster.averages import (
 )
 from cryoprior.classical.cluster.ml2d import ANNEAL_ITERATIONS as ML2D_ANNEAL
 from cryoprior.classical.cluster.ml2d import ITERATIONS as ML2D_ITERATIONS
+from cryoprior.classical.cluster.ml2d import START_SHELL as ML2D_START_SHELL
 from cryoprior.classical.cluster.ml2d import TEMPERATURE as ML2D_TEMPERATURE
 from cryoprior.classical.cluster.ml2d import ml2d
 from cryoprior.config import write_run_config
@@ -92,7 +93,9 @@ class ClassifyConfig:
     ml2d_iterations: int = field(default=ML2D_ITERATIONS, metadata={"help": "EM steps (ml2d; drvae-bsk with --align)"})
     ml2d_temperature: float = field(default=ML2D_TEMPERATURE, metadata={
         "help": "ml2d: the first E-step sees the noise variance times this, falling to 1 over --ml2d-anneal steps"})
-    ml2d_anneal: int = field(default=ML2D_ANNEAL, metadata={"help": "ml2d: steps of deterministic annealing"})
+    ml2d_anneal: int = field(default=ML2D_ANNEAL, metadata={"help": "ml2d: steps of deterministic annealing (noise and resolution)"})
+    ml2d_start_shell: float = field(default=ML2D_START_SHELL, metadata={
+        "help": "ml2d: the first E-step compares images up to this Fourier shell (cycles per box), widening to Nyquist over --ml2d-anneal steps; 0: off"})
     pca_components: int = field(default=20, metadata={"help": "principal components (pca-kmeans)"})
     isomap_components: int = field(default=10, metadata={"help": "Isomap dimensions (isomap-kmeans)"})
     isomap_neighbors: int = field(default=10, metadata={"help": "Isomap graph neighbours (isomap-kmeans)"})
@@ -126,9 +129,9 @@ class ClassifyConfig:
             raise InputError(f"--seed must be in [0, 2**32), got {self.seed}")
         if self.max_shift_px < 0:
             raise InputError(f"--max-shift must be >= 0, got {self.max_shift_px}")
-        if self.ml2d_temperature < 1 or self.ml2d_anneal < 0:
-            raise InputError(f"--ml2d-temperature must be >= 1 and --ml2d-anneal >= 0, got "
-                             f"{self.ml2d_temperature}, {self.ml2d_anneal}")
+        if self.ml2d_temperature < 1 or self.ml2d_anneal < 0 or self.ml2d_start_shell < 0:
+            raise InputError(f"--ml2d-temperature must be >= 1, --ml2d-anneal and --ml2d-start-shell >= 0, got "
+                             f"{self.ml2d_temperature}, {self.ml2d_anneal}, {self.ml2d_start_shell}")
         if self.mask_radius_px is not None and self.mask_radius_px < 0:
             raise InputError(f"--mask-radius must be >= 0, got {self.mask_radius_px}")
 
@@ -220,7 +223,8 @@ def classify_images(
     elif method == "ml2d":  # EM from align-kmeans' averages, as drvae-bsk --align ends
         start = align_kmeans(images, k, seed, max_shift=config.max_shift_px)[3]
         result = ml2d(images, start, max_shift=config.max_shift_px, iterations=config.ml2d_iterations,
-                      temperature=config.ml2d_temperature, anneal_iterations=config.ml2d_anneal)
+                      temperature=config.ml2d_temperature, anneal_iterations=config.ml2d_anneal,
+                      start_shell=config.ml2d_start_shell)
         labels, pose = result.labels, (result.angles, result.shifts)
     elif method == "cae-kmeans":
         from cryoprior.nn.cae import CAEConfig, cae_embed
@@ -244,7 +248,8 @@ def drvae_config(config: ClassifyConfig) -> DRVAEConfig:
 
     return dataclasses.replace(config.drvae or DRVAEConfig(), classes=config.classes, seed=config.seed,
                                max_shift_px=config.max_shift_px, ml2d_iterations=config.ml2d_iterations,
-                               ml2d_temperature=config.ml2d_temperature, ml2d_anneal=config.ml2d_anneal)
+                               ml2d_temperature=config.ml2d_temperature, ml2d_anneal=config.ml2d_anneal,
+                               ml2d_start_shell=config.ml2d_start_shell)
 
 
 def _drvae_bsk(stack: ParticleStack, config: ClassifyConfig, device, work: Path

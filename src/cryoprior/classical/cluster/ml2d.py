@@ -8,7 +8,7 @@ the posterior-weighted mean of the images brought back into its frame and re-est
 class weights. Hard k-means takes only the best pose and class, which at low SNR locks in wrong
 alignments; the posterior keeps them uncertain until the averages settle. Images and averages
 are seen through the soft circular mask of ``align_kmeans``, optionally with deterministic
-annealing. What RELION adds (a per-frequency noise spectrum, τ² regularisation of the averages,
+annealing of the noise and of the resolution. What RELION adds (a per-frequency noise spectrum, τ² regularisation of the averages,
 CTF) is not here: the inputs are white-noise images (phase-flipped, Fourier-cropped particles).
 τ² regularisation and a CTF model were built and measured on development stacks; neither
 classified better, so they were removed (docs/benchmarks.md, DRVAE, sixth session).
@@ -25,15 +25,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from cryoprior.core.filters import lowpass
 from cryoprior.core.rotations import rotate_images
 
 from .align import aligned_costs, alignment_mask, centred_averages, rotated_copies
 
-__all__ = ["ANNEAL_ITERATIONS", "ITERATIONS", "ML2DResult", "TEMPERATURE", "ml2d"]
+__all__ = ["ANNEAL_ITERATIONS", "ITERATIONS", "ML2DResult", "START_SHELL", "TEMPERATURE", "ml2d"]
 
 #: the defaults of ``classify --method ml2d`` and of drvae-bsk's last step (``--ml2d-*``), chosen on
-#: development structures (docs/benchmarks.md, "ML2D's annealing")
-ITERATIONS, TEMPERATURE, ANNEAL_ITERATIONS = 20, 4.0, 10
+#: development structures (docs/benchmarks.md, "ML2D's annealing" and "ML2D's resolution annealing")
+ITERATIONS, TEMPERATURE, ANNEAL_ITERATIONS, START_SHELL = 20, 4.0, 10, 5.0
 
 
 class ML2DResult(NamedTuple):
@@ -68,7 +69,7 @@ def _log_weights(x: torch.Tensor, t: torch.Tensor, sigma2: float, log_prior: tor
 
 
 def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: int = 10,
-         temperature: float = 1.0, anneal_iterations: int = 0) -> ML2DResult:
+         temperature: float = 1.0, anneal_iterations: int = 0, start_shell: float = 0.0) -> ML2DResult:
     """Refine class ``averages`` ``(k, d, d)`` of ``images`` ``(n, d, d)`` by ``iterations`` EM steps
     with marginalisation over ``n_angles`` in-plane angles and integer shifts up to ``max_shift``.
 
@@ -81,14 +82,22 @@ def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: i
     ``temperature`` T > 1 with ``anneal_iterations`` A: deterministic annealing. The E-step of
     iteration i < A sees the noise variance σ²·T^(1 − i/A), so that early posteriors are flatter
     and the averages can leave the starting partition; from iteration A on it is plain EM.
+
+    ``start_shell`` s > 0 (Fourier shells, i.e. cycles per box, so the same physical frequency at
+    any sampling of one box) anneals the resolution over the same A iterations, as RELION's
+    Class2D widens its resolution from a coarse start: the E-step of iteration i < A compares
+    images and averages only at frequencies up to s/d + (1/2 − s/d)·i/A cycles/px (a sharp
+    Fourier mask, so with white noise that is the exact likelihood of that band), with σ² still
+    estimated on the whole band. Coarse comparisons have fewer local optima to lock into.
     """
     images = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     centres = torch.as_tensor(np.asarray(averages), dtype=torch.float32).clone()
     if images.ndim != 3 or images.shape[1] != images.shape[2] or centres.shape[1:] != images.shape[1:]:
         raise ValueError(f"ml2d needs images (n, d, d) and averages (k, d, d) of one size, got "
                          f"{tuple(images.shape)} and {tuple(centres.shape)}")
-    if temperature < 1 or anneal_iterations < 0:
-        raise ValueError(f"need temperature >= 1 and anneal_iterations >= 0, got {temperature}, {anneal_iterations}")
+    if temperature < 1 or anneal_iterations < 0 or start_shell < 0:
+        raise ValueError(f"need temperature >= 1, anneal_iterations >= 0 and start_shell >= 0, got "
+                         f"{temperature}, {anneal_iterations}, {start_shell}")
     if not 0 <= max_shift < images.shape[-1] // 2:
         raise ValueError(f"max_shift must be in 0..{images.shape[-1] // 2 - 1} px, got {max_shift}")
     n, d, _ = images.shape
@@ -104,7 +113,14 @@ def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: i
     sigma2 = max(float(best_cost.mean()) / pixels, 1e-12)
     for i in range(iterations):
         temp = temperature ** (1 - i / anneal_iterations) if i < anneal_iterations else 1.0
-        logw = _log_weights(x, rotated_copies(centres, angles) * mask, sigma2 * temp, log_prior, max_shift)
+        t = rotated_copies(centres, angles) * mask
+        banded = 0 < start_shell and i < anneal_iterations and start_shell / d < 0.5
+        if banded:  # the E-step sees the band up to `radius` cycles/px only
+            radius = start_shell / d + (0.5 - start_shell / d) * i / anneal_iterations
+            logw = _log_weights(lowpass(x, cutoff_freq=radius, width_px=0), lowpass(t, cutoff_freq=radius, width_px=0),
+                                sigma2 * temp, log_prior, max_shift)
+        else:
+            logw = _log_weights(x, t, sigma2 * temp, log_prior, max_shift)
         w = torch.softmax(logw.reshape(n, -1), dim=1).reshape(logw.shape).float()  # (n, S, k, R)
         # M-step: Σ_i w_iskr · roll(image_i, -shift_s), then each (k, r) sum rotated back by -angle_r
         sums = torch.zeros((k, n_angles, d * d))
@@ -117,8 +133,13 @@ def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: i
         if max_shift > 0:
             centres = centred_averages(centres)
         # σ²: the posterior-expected residual per masked pixel; class weights: their posterior mass
-        cost = -2 * sigma2 * temp * (logw - log_prior[None, None, :, None])
-        sigma2 = max(float((w.double() * cost).sum()) / (n * pixels), 1e-12)
+        if banded:  # the whole band's residual, pose by pose, not kept
+            zero = torch.zeros(k, dtype=torch.float64)  # σ² = −1/2 below turns the log weight into +|x − t|²
+            cost = sum(float((w[:, j].double() * _log_weights(torch.roll(x, (-dy, -dx), dims=(1, 2)), t, -0.5, zero, 0)[:, 0]).sum())
+                       for j, (dy, dx) in enumerate(shifts))
+        else:
+            cost = float((w.double() * -2 * sigma2 * temp * (logw - log_prior[None, None, :, None])).sum())
+        sigma2 = max(cost / (n * pixels), 1e-12)
         log_prior = torch.log((mass / n).double().clamp(min=1e-12))
     logw = _log_weights(x, rotated_copies(centres, angles) * mask, sigma2, log_prior, max_shift)
     flat = logw.reshape(n, -1)
