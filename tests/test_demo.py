@@ -18,7 +18,7 @@ from cryoprior.workflows.demo import DemoConfig, run_demo
 
 TINY = dict(box=32, pixel_size_a=3.5, views_box=32, views_pixel_size_a=3.5, n_views=300, n_uniform=200,
             cdae_finetune_epochs=1, denoisers=["cdae", "lowpass"], device="cpu",
-            heldout_denoisers=["gan", "lowpass"], gan_epochs=4)
+            heldout_denoisers=["gan", "lowpass"], gan_epochs=4, n_inplane=160)
 
 
 def _config(**kw) -> DemoConfig:
@@ -57,7 +57,8 @@ def test_demo_writes_a_run_folder_per_stage(uninterrupted):
     assert done == set(stages), {k: v for k, v in stages.items() if k not in done}
     assert {"simulate_views", "simulate_uniform", "measure_snr", "denoise_cdae", "denoise_lowpass", "classify_raw",
             "classify_cdae", "classify_lowpass", "classify_drvae", "classify_oracle", "reconstruct_gaussian", "reconstruct_red",
-            "split_uniform", "heldout_gan", "heldout_lowpass"} <= done
+            "split_uniform", "heldout_gan", "heldout_lowpass", "simulate_inplane", "inplane_kmeans", "inplane_align-kmeans", "inplane_ml2d",
+            "inplane_drvae-bsk"} <= done
     for name in done - {"measure_snr", "split_uniform"} - {s for s in done if s.startswith("simulate_")}:
         folder = out / name
         assert (folder / "config.yaml").exists() and (folder / "metrics.json").exists(), name
@@ -79,6 +80,15 @@ def test_demo_writes_a_run_folder_per_stage(uninterrupted):
     assert red["resolution_truth_05_a"] < gauss["resolution_truth_05_a"] - 1.0
     # denoising helps: the low-pass output is closer to the clean projections than the input
     assert metrics["denoise"]["lowpass"]["psnr_db"] > metrics["denoise"]["noisy input"]["psnr_db"]
+    # the in-plane stack: its own SNR, the aligning methods write each particle's pose, and the
+    # report has its section (the tiny particle is too small to classify; test_classify_cli and
+    # test_drvae check what the methods achieve)
+    assert abs(metrics["snr_measured_inplane"] - 0.05) < 0.005
+    assert set(metrics["classify_inplane"]) == {"kmeans", "align-kmeans", "ml2d", "drvae-bsk"}
+    for method in ("align-kmeans", "ml2d", "drvae-bsk"):
+        posed = ParticleStack.from_file(out / f"inplane_{method}" / "particles.star")
+        assert posed.has_column("cpInplaneAngleDeg") and len(np.unique(posed.column("rlnClassNumber"))) == 4, method
+    assert "particles at random in-plane angles and shifts</h2>" in (out / "report.html").read_text(encoding="utf-8")
     # noise makes particles differ more than the clean projections do; low-pass removes part of it
     assert metrics["denoise"]["noisy input"]["spread_ratio"] > metrics["denoise"]["lowpass"]["spread_ratio"] > 1
 

@@ -26,7 +26,7 @@ from cryoprior.workflows.demo import DemoConfig, run_demo
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SMALL = dict(box=24, pixel_size_a=4.0, views_box=24, views_pixel_size_a=4.0, n_views=120, n_uniform=120, denoisers=["lowpass"],
-             priors=["gaussian"], heldout_denoisers=[], seed=0, device="cpu")
+             priors=["gaussian"], heldout_denoisers=[], seed=0, device="cpu", n_inplane=40)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,8 @@ def test_report_of_a_partial_run_shows_what_is_there(tmp_path, monkeypatch):
     text = out.read_text(encoding="utf-8")
     assert "<h2>Data</h2>" in text and "<h2>Denoising</h2>" not in text
     assert "<h2>3D reconstruction</h2>" not in text
-    assert text.count("not run yet") == 6  # denoise, classify ×4 (raw, oracle, CDAE, DRVAE), reconstruct
+    # denoise, classify ×4 (raw, oracle, CDAE, DRVAE), in-plane ×4, reconstruct
+    assert text.count("not run yet") == 10
     assert "Could not show" not in text
 
 
@@ -94,9 +95,10 @@ def test_unavailable_stage_is_listed_as_such(tmp_path, monkeypatch):
                         if module == "cryoprior.workflows.classify" else real(module, *names))
     cfg = DemoConfig(**{**SMALL, "priors": []})
     metrics = run_demo(tmp_path / "run", cfg, argv=["test"])
-    assert set(metrics["not_available"]) == {"classify_raw", "classify_lowpass", "classify_drvae", "classify_oracle"}
+    assert set(metrics["not_available"]) == {"classify_raw", "classify_lowpass", "classify_drvae", "classify_oracle",
+                                             "inplane_kmeans", "inplane_align-kmeans", "inplane_ml2d", "inplane_drvae-bsk"}
     text = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
-    assert text.count("not available in this version") == 4
+    assert text.count("not available in this version") == 8
     assert "<h2>2D classification</h2>" not in text
 
 

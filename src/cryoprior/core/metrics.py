@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+from cryoprior.core.filters import normalize_images
+
 
 def _check_pair(x: torch.Tensor, ref: torch.Tensor) -> None:
     if x.shape != ref.shape or x.dim() < 2:
@@ -160,3 +162,28 @@ def classification_scores(true: np.ndarray, pred: np.ndarray) -> dict[str, float
         "nmi": float(normalized_mutual_info_score(true_a, pred_a)),
         "ari": float(adjusted_rand_score(true_a, pred_a)),
     }
+
+
+def image_scores(images: np.ndarray, clean: np.ndarray, chunk: int = 512) -> dict[str, float]:
+    """Scores of ``images`` ``(n, d, d)`` against ``clean`` in the data's intensity units (every
+    denoiser returns a clean-image estimate in its input's units): mean PSNR (dB, peak = each clean
+    image's range) and SSIM; ``psnr_fitted_db``, the PSNR after normalising both per image (an
+    affine fit, a diagnostic only); and ``spread_ratio``, how much the images differ from one
+    another relative to the clean ones (mean over pixels of the standard deviation across images;
+    0 when every output is the same image, which PSNR alone does not reveal)."""
+    total_psnr = total_ssim = total_fitted = 0.0
+    moments = np.zeros((2, 2) + images.shape[-2:])  # (images | clean, sum | sum of squares, d, d)
+    for start in range(0, len(images), chunk):
+        x = torch.tensor(images[start : start + chunk], dtype=torch.float32)  # (b, d, d), a copy
+        ref = torch.tensor(clean[start : start + chunk], dtype=torch.float32)
+        total_psnr += float(psnr(x, ref).sum())
+        total_ssim += float(ssim(x, ref).sum())
+        xn, refn = normalize_images(x), normalize_images(ref)
+        total_fitted += float(psnr(xn, refn).sum())
+        for i, t in enumerate((xn, refn)):
+            moments[i] += np.stack([t.sum(0).double().numpy(), (t.double() ** 2).sum(0).numpy()])
+    mean, mean_sq = moments[:, 0] / len(images), moments[:, 1] / len(images)  # (2, d, d) each
+    spread = np.sqrt(np.clip(mean_sq - mean**2, 0, None)).mean(axis=(-2, -1))  # (2,)
+    n = len(images)
+    return {"psnr_db": round(total_psnr / n, 3), "ssim": round(total_ssim / n, 4),
+            "psnr_fitted_db": round(total_fitted / n, 3), "spread_ratio": round(float(spread[0] / spread[1]), 4)}

@@ -22,6 +22,7 @@ The figures are also saved as PNG files in ``<run>/figures/``.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import logging
 import math
@@ -288,8 +289,9 @@ def _denoise_section(page: Page, items: list[tuple[Path, dict]], stages: dict, h
                     "training curves")
 
 
-def _classify_section(page: Page, items: list[tuple[Path, dict]], stages: dict) -> None:
-    page.add("<h2>2D classification</h2>")
+def _classify_section(page: Page, items: list[tuple[Path, dict]], stages: dict, inplane: bool = False) -> None:
+    page.add("<h2>2D classification, particles at random in-plane angles and shifts</h2>" if inplane
+             else "<h2>2D classification</h2>")
     rows = []
     for folder, m in items:
         rows.append([_label(folder, m), m.get("accuracy"), m.get("f1"), m.get("nmi"), m.get("ari"),
@@ -312,7 +314,7 @@ def _classify_section(page: Page, items: list[tuple[Path, dict]], stages: dict) 
         views = _view_labels(stack) if stack is not None else None
         if stack is not None and views is not None and stack.has_column("rlnClassNumber"):
             classes = np.asarray(stack.column("rlnClassNumber"), dtype=np.int64) - 1
-            if not grid and stack.has_column("cpCleanImageName"):
+            if not grid and stack.has_column("cpCleanImageName") and not inplane:  # (in-plane: a blur)
                 k = int(views.max()) + 1
                 clean = stack.read_image_column("cpCleanImageName")
                 grid.append(list(class_averages(clean, views, k)))
@@ -324,9 +326,11 @@ def _classify_section(page: Page, items: list[tuple[Path, dict]], stages: dict) 
         labels.append(_label(folder, m))
     if grid:
         cols = [f"view {j + 1}" for j in range(max(len(r) for r in grid))]
-        page.figure(plots.image_grid(grid, labels, cols, pixel_size_a=px), "class_averages",
-                    "Class averages of the raw particles for each method, beside the mean clean projection of "
-                    "each true view; column j holds the class matched to view j. Each panel is scaled to its "
+        caption = ("Class averages of the particles, each aligned to its class's average by the method's in-plane "
+                   "angle and shift" if inplane else "Class averages of the raw particles for each method, beside "
+                   "the mean clean projection of each true view")
+        page.figure(plots.image_grid(grid, labels, cols, pixel_size_a=px), "class_averages_inplane" if inplane else "class_averages",
+                    caption + "; column j holds the class matched to view j. Each panel is scaled to its "
                     "own 1st–99th percentile.", "class averages")
 
 
@@ -387,7 +391,8 @@ def _other_section(page: Page, folder: Path, m: dict) -> None:
     page.add(table(["quantity", "value"], rows) if rows else "<p>No numbers recorded.</p>")
 
 
-_SECTIONS = {"denoise": _denoise_section, "classify": _classify_section, "reconstruct": _reconstruct_section,
+_SECTIONS = {"denoise": _denoise_section, "classify": _classify_section,
+             "classify_inplane": functools.partial(_classify_section, inplane=True), "reconstruct": _reconstruct_section,
              "denoise_heldout": _heldout_section}
 #: files that make a folder a result, and the kind they imply when metrics.json has no ``kind``
 _MARKERS = {"fsc.json": "reconstruct", "class_averages.mrcs": "classify", "denoised.star": "denoise",
@@ -431,9 +436,11 @@ def _glance(items: dict[str, list[tuple[Path, dict]]]) -> list[str]:
         if ref and "stack_mean_psnr_db" in ref:
             parts.append(f"reference, the stack's mean image for every particle {score(ref, 'stack_mean_')}")
         lines.append(f"{what}, PSNR / SSIM / spread across particles (clean = 1): " + "; ".join(parts) + ".")
-    cls = [(f, m) for f, m in items.get("classify", []) if isinstance(m.get("f1"), (int, float))]
-    if cls:
-        lines.append("2D classification, F1: " + "; ".join(f"{esc(_label(f, m))} {m['f1']:.3f}" for f, m in cls) + ".")
+    for kind, what in (("classify", "2D classification"),
+                       ("classify_inplane", "2D classification at random in-plane angles and shifts")):
+        cls = [(f, m) for f, m in items.get(kind, []) if isinstance(m.get("f1"), (int, float))]
+        if cls:
+            lines.append(f"{what}, F1: " + "; ".join(f"{esc(_label(f, m))} {m['f1']:.3f}" for f, m in cls) + ".")
     rec = [(f, m) for f, m in items.get("reconstruct", []) if isinstance(m.get("resolution_truth_0143_a"), (int, float))]
     if rec:
         lines.append("3D resolution against the true map (FSC 0.143): "

@@ -6,7 +6,9 @@
 2. denoise the four-view stack with each denoiser: CDAE (the shipped generic model, pre-trained
    on other structures, fine-tuned on the stack; no PDB of the sample) and the classical baselines, scored against the clean projections;
 3. classify it into k = 4 classes: k-means on the raw images and on each denoiser's output, and
-   the oracle (the true labels), scored against the true views;
+   the oracle (the true labels), scored against the true views; and classify a second four-view
+   stack whose particles sit at random in-plane angles and shifts, as real ones do (SNR 0.05):
+   align-kmeans, ML2D (RELION's Class2D model) and DRVAE + BSK-means++ with ``--align``;
 4. reconstruct the uniform stack at its known poses with the Gaussian prior and with RED (the
    shipped 3D denoiser), each scored by FSC against the true map;
 5. denoise held-out particles of the uniform stack: the robust GAN and the ℓ1-AE trained from the
@@ -23,6 +25,7 @@ nothing is made up in its place.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -33,8 +36,7 @@ import numpy as np
 import torch
 
 from cryoprior.classical.cluster import class_averages
-from cryoprior.core.filters import normalize_images
-from cryoprior.core.metrics import classification_scores, psnr, ssim
+from cryoprior.core.metrics import classification_scores, image_scores
 from cryoprior.errors import CryopriorError, InputError
 from cryoprior.io.mrc import write_mrcs
 from cryoprior.io.stack import ParticleStack
@@ -71,6 +73,8 @@ class DemoConfig:
     )
     views_snr: float = field(default=0.03, metadata={"help": "SNR of the four-view stack that is denoised and classified"})
     n_views: int = field(default=1500, metadata={"help": "particles of the four-view stack"})
+    inplane_snr: float = field(default=0.05, metadata={"help": "SNR of the four-view stack at random in-plane angles and ±3 px shifts"})
+    n_inplane: int = field(default=400, metadata={"help": "particles of that stack (0: no in-plane stages)"})
     n_uniform: int = field(default=2000, metadata={"help": "particles of the uniform CTF stack"})
     denoisers: list[str] = field(
         default_factory=lambda: ["cdae", "nlm", "lowpass"], metadata={"help": f"any of {', '.join(DENOISERS)}"}
@@ -102,7 +106,7 @@ class DemoConfig:
         unknown = [m for m in self.heldout_denoisers if m not in HELDOUT_DENOISERS]
         if unknown:
             raise InputError(f"unknown held-out denoiser {', '.join(unknown)}; choose from {', '.join(HELDOUT_DENOISERS)}")
-        if min(self.n_views, self.n_uniform) < 2 * K_VIEWS:
+        if min(self.n_views, self.n_uniform) < 2 * K_VIEWS or 0 < self.n_inplane < 2 * K_VIEWS:
             raise InputError(f"every stack needs at least {2 * K_VIEWS} particles")
         held = round(self.heldout_fraction * self.n_uniform)
         if self.heldout_denoisers and not (2 <= held <= self.n_uniform - 2 * K_VIEWS):
@@ -122,34 +126,12 @@ def missing(module: str, *names: str) -> str | None:
     return f"{module} has no {', '.join(absent)}" if absent else None
 
 
-# ---- measurements ---------------------------------------------------------------------------
-def image_scores(images: np.ndarray, clean: np.ndarray, chunk: int = 512) -> dict[str, float]:
-    """Scores of ``images`` ``(n, d, d)`` against ``clean`` in the data's intensity units (every
-    denoiser returns a clean-image estimate in its input's units): mean PSNR (dB, peak = each clean
-    image's range) and SSIM; ``psnr_fitted_db``, the PSNR after normalising both per image (an
-    affine fit, a diagnostic only); and ``spread_ratio``, how much the images differ from one
-    another relative to the clean ones (mean over pixels of the standard deviation across images;
-    0 when every output is the same image, which PSNR alone does not reveal)."""
-    total_psnr = total_ssim = total_fitted = 0.0
-    moments = np.zeros((2, 2) + images.shape[-2:])  # (images | clean, sum | sum of squares, d, d)
-    for start in range(0, len(images), chunk):
-        x = torch.tensor(images[start : start + chunk], dtype=torch.float32)  # (b, d, d), a copy
-        ref = torch.tensor(clean[start : start + chunk], dtype=torch.float32)
-        total_psnr += float(psnr(x, ref).sum())
-        total_ssim += float(ssim(x, ref).sum())
-        xn, refn = normalize_images(x), normalize_images(ref)
-        total_fitted += float(psnr(xn, refn).sum())
-        for i, t in enumerate((xn, refn)):
-            moments[i] += np.stack([t.sum(0).double().numpy(), (t.double() ** 2).sum(0).numpy()])
-    mean, mean_sq = moments[:, 0] / len(images), moments[:, 1] / len(images)  # (2, d, d) each
-    spread = np.sqrt(np.clip(mean_sq - mean**2, 0, None)).mean(axis=(-2, -1))  # (2,)
-    n = len(images)
-    return {"psnr_db": round(total_psnr / n, 3), "ssim": round(total_ssim / n, 4),
-            "psnr_fitted_db": round(total_fitted / n, 3), "spread_ratio": round(float(spread[0] / spread[1]), 4)}
-
-
 # ---- the configs of the stages ---------------------------------------------------------------
-DATASETS = ("views", "uniform")
+DATASETS = ("views", "uniform", "inplane")
+#: ``cryoprior classify`` methods of the in-plane stack, with their labels
+INPLANE_METHODS = {"kmeans": "k-means on raw images (not rotation-invariant)", "align-kmeans": "align-kmeans (hard alignment)", "ml2d": "ML2D (RELION's Class2D model, from align-kmeans)",
+                   "drvae-bsk": "DRVAE + BSK-means++ --align (trained on the stack itself)"}
+INPLANE_SHIFT_PX = 3
 
 
 def cdae_config(cfg: DemoConfig):
@@ -163,6 +145,9 @@ def dataset_config(cfg: DemoConfig, name: str) -> SimulationConfig:
     views = dict(structures=[cfg.structure], box=cfg.views_box, pixel_size_a=cfg.views_pixel_size_a, views=K_VIEWS)
     if name == "views":
         return SimulationConfig(**views, n=cfg.n_views, snr=cfg.views_snr, seed=cfg.seed)
+    if name == "inplane":
+        return SimulationConfig(**views, n=max(cfg.n_inplane, 2 * K_VIEWS), snr=cfg.inplane_snr, seed=cfg.seed + 2, inplane=True,
+                                shift_a=INPLANE_SHIFT_PX * cfg.views_pixel_size_a)
     # views=None: orientations uniform on SO(3) (SimulationConfig's default is 4 discrete views)
     return SimulationConfig(structures=[cfg.structure], box=cfg.box, pixel_size_a=cfg.pixel_size_a, n=cfg.n_uniform,
                             views=None, snr=cfg.snr, seed=cfg.seed + 1, ctf=True, shift_a=2 * cfg.pixel_size_a)
@@ -188,6 +173,7 @@ class _Demo:
         self.data = run.path / "data"
         self.views_star = self.data / "views" / "particles.star"
         self.uniform_star = self.data / "uniform" / "particles.star"
+        self.inplane_star = self.data / "inplane" / "particles.star"
 
     def simulation(self, name: str) -> SimulationConfig:
         return dataset_config(self.cfg, name)
@@ -197,7 +183,7 @@ class _Demo:
 
     def measure_snr(self) -> dict:
         return {name: round(measured_snr(ParticleStack.from_file(self.data / name / "particles.star"))["snr"], 4)
-                for name in ("views", "uniform")}
+                for name in DATASETS if (self.data / name / "particles.star").exists()}
 
     # denoising
     def _write_denoised(self, folder: Path, denoised: np.ndarray, method: str, star: Path | None = None,
@@ -284,17 +270,22 @@ class _Demo:
         denoised = self.run.path / f"denoise_{method}" / "denoised.star"
         return self._classify(f"classify_{method}", "kmeans", label, star=denoised)
 
-    def _classify(self, name: str, method: str, label: str, model: Path | None = None, star: Path | None = None) -> dict:
-        """``cryoprior classify`` of the four-view stack (or of a denoised copy, ``star``)."""
-        from cryoprior.workflows.classify import ClassifyConfig, run_classify
+    def _classify(self, name: str, method: str, label: str, model: Path | None = None, star: Path | None = None,
+                  inplane: bool = False) -> dict:
+        """``cryoprior classify`` of the four-view stack (or of a denoised copy, ``star``; or, with
+        ``inplane``, of the in-plane stack, searching ±3 px shifts)."""
+        from cryoprior.workflows.classify import ClassifyConfig, drvae_config, run_classify
 
         config = ClassifyConfig(classes=K_VIEWS, method=method, model=None if model is None else str(model),
-                                device=str(self.device), seed=self.cfg.seed)
+                                device=str(self.device), seed=self.cfg.seed, max_shift_px=INPLANE_SHIFT_PX if inplane else 0)
+        if inplane and method == "drvae-bsk":
+            config.drvae = dataclasses.replace(drvae_config(config), align=True)
         folder = self.run.path / name
-        result = run_classify(star or self.views_star, folder, config, self.argv, overwrite=True)
+        result = run_classify(self.inplane_star if inplane else star or self.views_star, folder, config, self.argv,
+                              overwrite=True)
         if star is not None:  # averages of the raw particles, as for the other methods
             self._raw_class_averages(folder)
-        metrics = {"kind": "classify", "label": label, **(result["metrics"] or {})}
+        metrics = {"kind": "classify_inplane" if inplane else "classify", "label": label, **(result["metrics"] or {})}
         metrics.pop("seconds", None)  # timings live in stages.json, so that metrics.json is reproducible
         RunDir(folder).write_metrics(metrics)
         return metrics
@@ -310,6 +301,11 @@ class _Demo:
         """``cryoprior classify --method drvae-bsk``: DRVAE trained on the stack alone, then
         balanced clustering rounds (no simulation, no clean images)."""
         return self._classify("classify_drvae", "drvae-bsk", "DRVAE + BSK-means++ (trained on the stack itself)")
+
+    def classify_inplane(self, method: str) -> dict:
+        """``cryoprior classify --method METHOD --max-shift 3`` of the in-plane stack (drvae-bsk with
+        ``--align``); the class averages are of the particles aligned to them."""
+        return self._classify(f"inplane_{method}", method, INPLANE_METHODS[method], inplane=True)
 
     def classify_oracle(self) -> dict:
         """Class averages of the raw images grouped by the true views: the best that averaging gives."""
@@ -391,6 +387,10 @@ def plan(cfg: DemoConfig, device: torch.device) -> list[Stage]:
     drvae_why = classify_why or missing("cryoprior.nn.drvae", "train_drvae", "DRVAEConfig")
     stages.append(("classify_drvae", "classify_drvae", (), drvae_why))
     stages.append(("classify_oracle", "classify_oracle", (), classify_why))
+    if cfg.n_inplane:
+        stages.insert(1, ("simulate_inplane", "simulate", ("inplane",), None))
+        stages += [(f"inplane_{m}", "classify_inplane", (m,), drvae_why if m == "drvae-bsk" else classify_why)
+                   for m in INPLANE_METHODS]
     for p in cfg.priors:
         why = recon_why or (_reason_red(cfg.red_model, device) if p in ("red", "cw-red") else None)
         stages.append((f"reconstruct_{p}", "reconstruct", (p,), why))
@@ -444,6 +444,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, argv: list[str] | N
 def collect_metrics(cfg: DemoConfig, results: dict) -> dict:
     """The run's summary: measured SNRs and the headline numbers of each finished stage."""
     metrics: dict = {"snr_requested_views": cfg.views_snr, "snr_requested_uniform": cfg.snr}
+    if cfg.n_inplane:
+        metrics["snr_requested_inplane"] = cfg.inplane_snr
     for name, value in results.get("measure_snr", {}).items():
         metrics[f"snr_measured_{name}"] = value
     for prefix, key in (("denoise_", "denoise"), ("heldout_", "denoise_heldout")):
@@ -455,9 +457,10 @@ def collect_metrics(cfg: DemoConfig, results: dict) -> dict:
             metrics[key].update({m: {k: r[k] for k in keys} for m, r in den.items()})
     if "split_uniform" in results:
         metrics["heldout_split"] = results["split_uniform"]
-    cls = {n.removeprefix("classify_"): r for n, r in results.items() if n.startswith("classify_")}
-    if cls:
-        metrics["classify"] = {m: {k: round(r[k], 4) for k in ("accuracy", "f1", "nmi", "ari")} for m, r in cls.items()}
+    for prefix, key in (("classify_", "classify"), ("inplane_", "classify_inplane")):
+        cls = {n.removeprefix(prefix): r for n, r in results.items() if n.startswith(prefix)}
+        if cls:
+            metrics[key] = {m: {k: round(r[k], 4) for k in ("accuracy", "f1", "nmi", "ari")} for m, r in cls.items()}
     rec = {n.removeprefix("reconstruct_"): r for n, r in results.items() if n.startswith("reconstruct_")}
     if rec:
         metrics["reconstruct"] = {p: {k: v for k, v in r.items() if k.startswith("resolution")} for p, r in rec.items()}
@@ -468,12 +471,13 @@ def summary(metrics: dict) -> str:
     """A few lines for the terminal."""
     lines = [f"SNR of the {name} stack: requested {metrics[f'snr_requested_{name}']:g}, measured "
              + (f"{metrics[f'snr_measured_{name}']:.3f}" if f"snr_measured_{name}" in metrics else "-")
-             for name in ("views", "uniform")]
+             for name in DATASETS if f"snr_requested_{name}" in metrics]
     for m, s in metrics.get("denoise", {}).items():
         lines.append(f"denoise {m:<12} PSNR {s['psnr_db']:6.2f} dB  SSIM {s['ssim']:.3f}  "
                      f"spread across particles {s['spread_ratio']:.2f} (clean 1)")
-    for m, s in metrics.get("classify", {}).items():
-        lines.append(f"classify {m:<11} F1 {s['f1']:.3f}  accuracy {s['accuracy']:.3f}  NMI {s['nmi']:.3f}")
+    for key, what in (("classify", "classify"), ("classify_inplane", "classify in-plane stack,")):
+        for m, s in metrics.get(key, {}).items():
+            lines.append(f"{what} {m:<12} F1 {s['f1']:.3f}  accuracy {s['accuracy']:.3f}  NMI {s['nmi']:.3f}")
     for p, s in metrics.get("reconstruct", {}).items():
         if "resolution_truth_0143_a" in s:
             lines.append(f"reconstruct {p:<8} {s['resolution_truth_0143_a']:.2f} Å at FSC 0.143 with the truth "
