@@ -52,19 +52,21 @@ def _shifts(max_shift: int) -> list[tuple[int, int]]:
     return [(dy, dx) for dy in range(-max_shift, max_shift + 1) for dx in range(-max_shift, max_shift + 1)]
 
 
+def _sq_distance(x: torch.Tensor, t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``|roll(x, (−dy, −dx)) − t|²`` ``(n, k, R)`` of masked images ``x`` ``(n, d, d)`` against masked
+    rotated averages ``t`` ``(k, R, d, d)``."""
+    tt = t.reshape(-1, x.shape[-1] * x.shape[-1])
+    rolled = torch.roll(x, (-dy, -dx), dims=(1, 2)).reshape(len(x), -1)
+    xn = (rolled * rolled).sum(1)[:, None]
+    return (xn + (tt * tt).sum(1) - 2 * rolled @ tt.T).reshape(len(x), *t.shape[:2])
+
+
 def _log_weights(x: torch.Tensor, t: torch.Tensor, sigma2: float, log_prior: torch.Tensor, max_shift: int) -> torch.Tensor:
     """Unnormalised log posterior ``(n, S, k, R)`` of every shift, class and angle for masked images
     ``x`` ``(n, d, d)`` against masked rotated averages ``t`` ``(k, R, d, d)``: −|x − t|²/2σ²."""
-    n = len(x)
-    k, r = t.shape[:2]
-    tt = t.reshape(k * r, -1)
-    tn = (tt * tt).sum(1)  # a circular shift keeps it
-    xn = (x * x).sum((1, 2))[:, None]
-    out = torch.empty((n, len(_shifts(max_shift)), k, r), dtype=torch.float64)
+    out = torch.empty((len(x), len(_shifts(max_shift)), *t.shape[:2]), dtype=torch.float64)
     for j, (dy, dx) in enumerate(_shifts(max_shift)):
-        rolled = torch.roll(x, (-dy, -dx), dims=(1, 2)).reshape(n, -1)
-        cost = (xn + tn - 2 * rolled @ tt.T).reshape(n, k, r)
-        out[:, j] = (-cost / (2 * sigma2)).double() + log_prior[None, :, None]
+        out[:, j] = (-_sq_distance(x, t, dy, dx) / (2 * sigma2)).double() + log_prior[None, :, None]
     return out
 
 
@@ -133,10 +135,8 @@ def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: i
         if max_shift > 0:
             centres = centred_averages(centres)
         # σ²: the posterior-expected residual per masked pixel; class weights: their posterior mass
-        if banded:  # the whole band's residual, pose by pose, not kept
-            zero = torch.zeros(k, dtype=torch.float64)  # σ² = −1/2 below turns the log weight into +|x − t|²
-            cost = sum(float((w[:, j].double() * _log_weights(torch.roll(x, (-dy, -dx), dims=(1, 2)), t, -0.5, zero, 0)[:, 0]).sum())
-                       for j, (dy, dx) in enumerate(shifts))
+        if banded:  # the whole band's residual, shift by shift, not kept
+            cost = sum(float((w[:, j].double() * _sq_distance(x, t, dy, dx).double()).sum()) for j, (dy, dx) in enumerate(shifts))
         else:
             cost = float((w.double() * -2 * sigma2 * temp * (logw - log_prior[None, None, :, None])).sum())
         sigma2 = max(cost / (n * pixels), 1e-12)
