@@ -112,11 +112,11 @@ class DRVAEConfig:
             raise InputError(f"--vae-widths must be positive, got {self.vae_widths}")
         if self.net_box < 0 or self.net_box % 2:
             raise InputError(f"--net-box must be an even number of pixels (0: the input's), got {self.net_box}")
-        if min(self.warmup_steps, self.round_steps, self.max_shift_px, self.ml2d_iterations, self.ml2d_anneal) < 0:
-            raise InputError("--warmup-steps, --round-steps, --max-shift, --ml2d-iterations and --ml2d-anneal must be >= 0")
-        if self.ml2d_temperature < 1 or self.ml2d_start_shell < 0:
-            raise InputError(f"--ml2d-temperature must be >= 1 and --ml2d-start-shell >= 0, got "
-                             f"{self.ml2d_temperature}, {self.ml2d_start_shell}")
+        if min(self.warmup_steps, self.round_steps, self.max_shift_px, self.ml2d_iterations, self.ml2d_anneal,
+               self.ml2d_start_shell) < 0:
+            raise InputError("--warmup-steps, --round-steps, --max-shift and --ml2d-iterations, -anneal, -start-shell must be >= 0")
+        if self.ml2d_temperature < 1:
+            raise InputError(f"--ml2d-temperature must be >= 1, got {self.ml2d_temperature}")
         if not (self.beta >= 0 and self.target_weight >= 0 and self.denoised_weight >= 0 and self.vae_lr > 0):
             raise InputError("--kl-beta, --target-weight and --denoised-weight must be >= 0, --vae-lr > 0")
         if not 0 <= self.size_tolerance <= 1:
@@ -415,9 +415,8 @@ def train_drvae(stack: ParticleStack, config: DRVAEConfig, run_dir: str | Path, 
     assert assignment is not None
     if config.align and config.ml2d_iterations > 0:
         last = assignment.labels
-        assignment = ml2d_refine(prep.x[:, 0], assignment, config.classes, max_shift_net, config.ml2d_iterations,
-                                 config.size_tolerance, temperature=config.ml2d_temperature,
-                                 anneal_iterations=config.ml2d_anneal, start_shell=config.ml2d_start_shell)
+        assignment = ml2d_refine(prep.x[:, 0], assignment, config.classes, max_shift_net, config.ml2d_iterations, config.size_tolerance,
+                                 temperature=config.ml2d_temperature, anneal_iterations=config.ml2d_anneal, start_shell=config.ml2d_start_shell)
         curves["ml2d"] = {"iterations": config.ml2d_iterations, "changed_fraction": round(float((assignment.labels != last).mean()), 5),
                           "class_sizes": np.bincount(assignment.labels, minlength=config.classes).tolist()}
     with atomic_path(run / "curves.json") as tmp:
