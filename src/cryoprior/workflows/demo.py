@@ -8,7 +8,7 @@
 3. classify it into k = 4 classes: k-means on the raw images and on each denoiser's output, and
    the oracle (the true labels), scored against the true views; and classify a second four-view
    stack whose particles sit at random in-plane angles and shifts, as real ones do (SNR 0.05):
-   align-kmeans, ML2D (RELION's Class2D model) and DRVAE + BSK-means++ with ``--align``;
+   k-means, align-kmeans, ML2D (RELION's Class2D model) and DRVAE + BSK-means++ with ``--align``;
 4. reconstruct the uniform stack at its known poses with the Gaussian prior and with RED (the
    shipped 3D denoiser), each scored by FSC against the true map;
 5. denoise held-out particles of the uniform stack: the robust GAN and the ℓ1-AE trained from the
@@ -129,7 +129,9 @@ def missing(module: str, *names: str) -> str | None:
 # ---- the configs of the stages ---------------------------------------------------------------
 DATASETS = ("views", "uniform", "inplane")
 #: ``cryoprior classify`` methods of the in-plane stack, with their labels
-INPLANE_METHODS = {"kmeans": "k-means on raw images (not rotation-invariant)", "align-kmeans": "align-kmeans (hard alignment)", "ml2d": "ML2D (RELION's Class2D model, from align-kmeans)",
+INPLANE_METHODS = {"kmeans": "k-means on raw images (not rotation-invariant)",
+                   "align-kmeans": "align-kmeans (hard alignment)",
+                   "ml2d": "ML2D (RELION's Class2D model, from align-kmeans)",
                    "drvae-bsk": "DRVAE + BSK-means++ --align (trained on the stack itself)"}
 INPLANE_SHIFT_PX = 3
 

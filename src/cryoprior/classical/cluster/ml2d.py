@@ -8,8 +8,9 @@ the posterior-weighted mean of the images brought back into its frame and re-est
 class weights. Hard k-means takes only the best pose and class, which at low SNR locks in wrong
 alignments; the posterior keeps them uncertain until the averages settle. Images and averages
 are seen through the soft circular mask of ``align_kmeans``, optionally with deterministic
-annealing of the noise and of the resolution. What RELION adds (a per-frequency noise spectrum, τ² regularisation of the averages,
-CTF) is not here: the inputs are white-noise images (phase-flipped, Fourier-cropped particles).
+annealing of the noise and of the resolution. What RELION adds (a per-frequency noise spectrum,
+τ² regularisation of the averages, CTF) is not here: the inputs are white-noise images
+(phase-flipped, Fourier-cropped particles).
 τ² regularisation and a CTF model were built and measured on development stacks; neither
 classified better, so they were removed (docs/benchmarks.md, DRVAE, sixth session).
 
@@ -90,7 +91,7 @@ def ml2d(images, averages, n_angles: int = 36, max_shift: int = 0, iterations: i
     Class2D widens its resolution from a coarse start: the E-step of iteration i < A compares
     images and averages only at frequencies up to s/d + (1/2 − s/d)·i/A cycles/px (a sharp
     Fourier mask, so with white noise that is the exact likelihood of that band), with σ² still
-    estimated on the whole band. Coarse comparisons have fewer local optima to lock into.
+    estimated on the whole band.
     """
     images = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     centres = torch.as_tensor(np.asarray(averages), dtype=torch.float32).clone()
