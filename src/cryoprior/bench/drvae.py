@@ -39,7 +39,7 @@ from cryoprior import classical
 from cryoprior.bench.common import write_result
 from cryoprior.classical.cluster import align_kmeans, class_averages, cluster
 from cryoprior.classical.cluster.averages import ssnr_averages
-from cryoprior.classical.cluster.ml2d import ml2d
+from cryoprior.classical.cluster.ml2d import annealing_of, ml2d
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores, match_labels
 from cryoprior.core.rotations import rotate_images
@@ -183,8 +183,7 @@ def evaluate(stack: ParticleStack, truth: np.ndarray, k: int, kind: str, work: P
     rows["align-kmeans"] = _row(truth, labels, k, s)
     if aligned:  # what ML2D gives without the network: drvae-bsk's last step after align-kmeans
         labels, s_ml = timed(lambda: ml2d(x, averages, max_shift=MAX_SHIFT_PX, iterations=drvae.ml2d_iterations,
-                                          temperature=drvae.ml2d_temperature, anneal_iterations=drvae.ml2d_anneal,
-                                          start_shell=drvae.ml2d_start_shell)[0])
+                                          **annealing_of(drvae))[0])
         rows["align-kmeans-ml2d"] = _row(truth, labels, k, s + s_ml)
     labels, s = timed(lambda: cluster(x, k, "bsk", seed))
     rows["bsk-raw"] = _row(truth, labels, k, s)

@@ -415,8 +415,8 @@ def train_drvae(stack: ParticleStack, config: DRVAEConfig, run_dir: str | Path, 
     assert assignment is not None
     if config.align and config.ml2d_iterations > 0:
         last = assignment.labels
-        assignment = ml2d_refine(prep.x[:, 0], assignment, config.classes, max_shift_net, config.ml2d_iterations, config.size_tolerance,
-                                 temperature=config.ml2d_temperature, anneal_iterations=config.ml2d_anneal, start_shell=config.ml2d_start_shell)
+        assignment = ml2d_refine(prep.x[:, 0], assignment, config.classes, max_shift_net, config.ml2d_iterations,
+                                 config.size_tolerance, **ml2d_defaults.annealing_of(config))
         curves["ml2d"] = {"iterations": config.ml2d_iterations, "changed_fraction": round(float((assignment.labels != last).mean()), 5),
                           "class_sizes": np.bincount(assignment.labels, minlength=config.classes).tolist()}
     with atomic_path(run / "curves.json") as tmp:

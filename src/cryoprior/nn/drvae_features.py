@@ -58,17 +58,15 @@ def joint_features(lowpassed: torch.Tensor, denoised: torch.Tensor, denoised_wei
 
 
 def ml2d_refine(x: torch.Tensor, assignment, k: int, max_shift: int, iterations: int, size_tolerance: float,
-                n_angles: int = 36, temperature: float = 1.0, anneal_iterations: int = 0, start_shell: float = 0.0):
+                n_angles: int = 36, **annealing):
     """``assignment`` (an ``nn.drvae.Assignment`` with poses) refined by ``iterations`` EM steps of
     ML2D on the network inputs ``x`` ``(n, b, b)``, started from its aligned class averages. The
     labels maximise the summed log posterior within BSK's size bounds (``size_tolerance``); each
-    image's pose is then its best one against its class's refined average. ``temperature`` and
-    ``anneal_iterations``, ``start_shell``: ML2D's annealing (:func:`~cryoprior.classical.cluster.ml2d.ml2d`)."""
+    image's pose is then its best one against its class's refined average. ``annealing``: ML2D's
+    ``temperature``, ``anneal_iterations`` and ``start_shell`` (:func:`~cryoprior.classical.cluster.ml2d.ml2d`)."""
     start = aligned_averages(x, torch.as_tensor(assignment.labels), torch.as_tensor(assignment.angles, dtype=torch.float32),
                              torch.as_tensor(assignment.shifts), k, centre=max_shift > 0)
-    _, posterior, averages, *_ = ml2d(x, start, n_angles=n_angles, max_shift=max_shift, iterations=iterations,
-                                      temperature=temperature, anneal_iterations=anneal_iterations,
-                                      start_shell=start_shell)
+    _, posterior, averages, *_ = ml2d(x, start, n_angles=n_angles, max_shift=max_shift, iterations=iterations, **annealing)
     labels = balanced_assignment(-np.log(np.clip(posterior, 1e-300, None)), size_tolerance=size_tolerance)
     mask = alignment_mask(x.shape[-1])
     grid = torch.arange(n_angles, dtype=torch.float32) * (2 * math.pi / n_angles)

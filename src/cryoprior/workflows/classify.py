@@ -45,7 +45,7 @@ from cryoprior.classical.cluster.ml2d import ANNEAL_ITERATIONS as ML2D_ANNEAL
 from cryoprior.classical.cluster.ml2d import ITERATIONS as ML2D_ITERATIONS
 from cryoprior.classical.cluster.ml2d import START_SHELL as ML2D_START_SHELL
 from cryoprior.classical.cluster.ml2d import TEMPERATURE as ML2D_TEMPERATURE
-from cryoprior.classical.cluster.ml2d import ml2d
+from cryoprior.classical.cluster.ml2d import annealing_of, ml2d
 from cryoprior.config import write_run_config
 from cryoprior.core.filters import normalize_images
 from cryoprior.core.metrics import classification_scores
@@ -223,8 +223,7 @@ def classify_images(
     elif method == "ml2d":  # EM from align-kmeans' averages, as drvae-bsk --align ends
         start = align_kmeans(images, k, seed, max_shift=config.max_shift_px)[3]
         result = ml2d(images, start, max_shift=config.max_shift_px, iterations=config.ml2d_iterations,
-                      temperature=config.ml2d_temperature, anneal_iterations=config.ml2d_anneal,
-                      start_shell=config.ml2d_start_shell)
+                      **annealing_of(config))
         labels, pose = result.labels, (result.angles, result.shifts)
     elif method == "cae-kmeans":
         from cryoprior.nn.cae import CAEConfig, cae_embed

@@ -381,6 +381,8 @@ def plan(cfg: DemoConfig, device: torch.device) -> list[Stage]:
             denoise_why[m] = base_why or (None if m in here else f"baseline {m!r} is not available here "
                                           f"({', '.join(here)} are)")
     stages: list[Stage] = [("simulate_views", "simulate", ("views",), None)]
+    if cfg.n_inplane:
+        stages.append(("simulate_inplane", "simulate", ("inplane",), None))
     stages += [("simulate_uniform", "simulate", ("uniform",), None), ("measure_snr", "measure_snr", (), None)]
     stages += [(f"denoise_{m}", "denoise_cdae", (), denoise_why[m]) if m == "cdae"
                else (f"denoise_{m}", "denoise_baseline", (m,), denoise_why[m]) for m in cfg.denoisers]
@@ -390,7 +392,6 @@ def plan(cfg: DemoConfig, device: torch.device) -> list[Stage]:
     stages.append(("classify_drvae", "classify_drvae", (), drvae_why))
     stages.append(("classify_oracle", "classify_oracle", (), classify_why))
     if cfg.n_inplane:
-        stages.insert(1, ("simulate_inplane", "simulate", ("inplane",), None))
         stages += [(f"inplane_{m}", "classify_inplane", (m,), drvae_why if m == "drvae-bsk" else classify_why)
                    for m in INPLANE_METHODS]
     for p in cfg.priors:

@@ -31,11 +31,18 @@ from cryoprior.core.rotations import rotate_images
 
 from .align import aligned_costs, alignment_mask, centred_averages, rotated_copies
 
-__all__ = ["ANNEAL_ITERATIONS", "ITERATIONS", "ML2DResult", "START_SHELL", "TEMPERATURE", "ml2d"]
+__all__ = ["ANNEAL_ITERATIONS", "ITERATIONS", "ML2DResult", "START_SHELL", "TEMPERATURE", "annealing_of", "ml2d"]
 
 #: the defaults of ``classify --method ml2d`` and of drvae-bsk's last step (``--ml2d-*``), chosen on
 #: development structures (docs/benchmarks.md, "ML2D's annealing" and "ML2D's resolution annealing")
 ITERATIONS, TEMPERATURE, ANNEAL_ITERATIONS, START_SHELL = 20, 4.0, 10, 5.0
+
+
+def annealing_of(config) -> dict:
+    """:func:`ml2d`'s annealing arguments from a config with ``--ml2d-*`` fields (``ClassifyConfig``,
+    ``DRVAEConfig``)."""
+    return {"temperature": config.ml2d_temperature, "anneal_iterations": config.ml2d_anneal,
+            "start_shell": config.ml2d_start_shell}
 
 
 class ML2DResult(NamedTuple):
