@@ -27,9 +27,7 @@ import sys
 from cryoprior.config import add_config_args, config_from_args
 from cryoprior.io.star import OpticsFlags
 from cryoprior.nn.drvae import DRVAEConfig
-from cryoprior.workflows.classify import ClassifyConfig, run_classify
-
-DRVAE_SHARED = ("classes", "seed", "max_shift_px", "ml2d_iterations", "ml2d_temperature", "ml2d_anneal", "ml2d_start_shell")  # the classify flags
+from cryoprior.workflows.classify import DRVAE_SHARED, ClassifyConfig, run_classify
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

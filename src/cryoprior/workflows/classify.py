@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,11 @@ TRUTH_COLUMNS = ("cpViewLabel", "cpConformationLabel")
 PRETRAIN_VIEWS = 4
 #: pre-training data get their own random stream (views, noise), never a target's simulated with --seed
 PRETRAIN_SEED_OFFSET = 104_729
+
+
+#: the fields of ``ClassifyConfig`` that a drvae-bsk run takes over into its ``DRVAEConfig`` (the
+#: ``classify`` flags, which the CLI does not repeat in its drvae-bsk group)
+DRVAE_SHARED = ("classes", "seed", "max_shift_px", "ml2d_iterations", "ml2d_temperature", "ml2d_anneal", "ml2d_start_shell")
 
 
 @dataclass
@@ -242,13 +247,9 @@ def classify_images(
 
 
 def drvae_config(config: ClassifyConfig) -> DRVAEConfig:
-    """The DRVAE settings of a ``drvae-bsk`` run (K, seed, max shift and ML2D's from ``config``)."""
-    import dataclasses
-
-    return dataclasses.replace(config.drvae or DRVAEConfig(), classes=config.classes, seed=config.seed,
-                               max_shift_px=config.max_shift_px, ml2d_iterations=config.ml2d_iterations,
-                               ml2d_temperature=config.ml2d_temperature, ml2d_anneal=config.ml2d_anneal,
-                               ml2d_start_shell=config.ml2d_start_shell)
+    """The DRVAE settings of a ``drvae-bsk`` run, with the fields it shares with ``config``
+    (:data:`DRVAE_SHARED`: K, seed, max shift and ML2D's) taken from ``config``."""
+    return replace(config.drvae or DRVAEConfig(), **{name: getattr(config, name) for name in DRVAE_SHARED})
 
 
 def _drvae_bsk(stack: ParticleStack, config: ClassifyConfig, device, work: Path
