@@ -11,8 +11,9 @@ are seen through the soft circular mask of ``align_kmeans``, optionally with det
 annealing of the noise and of the resolution. What RELION adds (a per-frequency noise spectrum,
 τ² regularisation of the averages, CTF) is not here: the inputs are white-noise images
 (phase-flipped, Fourier-cropped particles).
-τ² regularisation and a CTF model were built and measured on development stacks; neither
-classified better, so they were removed (docs/benchmarks.md, DRVAE, sixth session).
+Each of those was built and measured on development stacks and none classified better, so none
+is kept (docs/benchmarks.md, DRVAE): τ² as a half-set SSNR filter and a CTF model (sixth
+session), a per-shell noise spectrum (eighth), and RELION's own τ² rule (ninth).
 
 >>> result = ml2d(images, averages0, max_shift=2)   # doctest: +SKIP
 >>> result.labels, result.averages, result.log_likelihood   # doctest: +SKIP
